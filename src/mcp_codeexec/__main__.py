@@ -1,0 +1,3 @@
+from mcp_codeexec.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The in-sandbox agent (standard library only) and the server's client for it."""

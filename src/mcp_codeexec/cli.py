@@ -1,0 +1,83 @@
+"""Command line: `mcp-codeexec` serves MCP over stdio with the flags below."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import anyio
+from mcp.server.stdio import stdio_server
+
+from mcp_codeexec import __version__
+from mcp_codeexec.config import Settings, parse_size
+
+log = logging.getLogger("mcp_codeexec")
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Settings()
+    ap = argparse.ArgumentParser(prog="mcp-codeexec", description="Claude's code execution tool as an MCP server, in gVisor sandboxes.")
+    ap.add_argument("--version", action="version", version=f"mcp-codeexec {__version__}")
+    ap.add_argument("--runtime", default=d.runtime, help="OCI runtime for sandboxes (default runsc = gVisor). "
+                    "Anything else needs --allow-weak-isolation.")
+    ap.add_argument("--allow-weak-isolation", action="store_true", help="permit a runtime other than runsc (e.g. runc)")
+    ap.add_argument("--image", default=d.image, help=f"sandbox image (default {d.image})")
+    ap.add_argument("--memory", default="5g", help="memory per sandbox (default 5g)")
+    ap.add_argument("--cpus", type=float, default=d.cpus, help=f"CPUs per sandbox (default {d.cpus:g})")
+    ap.add_argument("--pids", type=int, default=d.pids_limit, help=f"process limit per sandbox (default {d.pids_limit})")
+    ap.add_argument("--timeout", type=float, default=d.timeout, metavar="SECONDS", help=f"time limit per call (default {d.timeout:g})")
+    ap.add_argument("--max-output", default=str(d.max_output_bytes), metavar="BYTES",
+                    help=f"stdout/stderr cap per call and stream, head and tail kept (default {d.max_output_bytes})")
+    ap.add_argument("--workdir", default=d.workdir, help=f"working directory inside the sandbox (default {d.workdir})")
+    ap.add_argument("--tmp-size", default="512m", help="size of /tmp and $HOME tmpfs in the sandbox (default 512m)")
+    ap.add_argument("--log-level", default="INFO", help="server log level, logs go to stderr (default INFO)")
+    return ap
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.runtime != "runsc" and not args.allow_weak_isolation:
+        raise SystemExit(
+            f"mcp-codeexec: refusing runtime {args.runtime!r}: sandboxes would share the host kernel. "
+            "Pass --allow-weak-isolation to accept that, or use runsc (gVisor)."
+        )
+    return Settings(
+        runtime=args.runtime,
+        image=args.image,
+        memory_bytes=parse_size(args.memory),
+        cpus=args.cpus,
+        pids_limit=args.pids,
+        timeout=args.timeout,
+        max_output_bytes=parse_size(args.max_output),
+        workdir=args.workdir,
+        tmp_bytes=parse_size(args.tmp_size),
+    )
+
+
+async def serve_stdio(settings: Settings) -> None:
+    from mcp_codeexec.server import build_server
+
+    server = build_server(settings)
+    async with anyio.create_task_group() as tg:
+
+        async def on_signal() -> None:
+            # Claude Desktop and others stop servers with SIGTERM: shut down cleanly so
+            # sandboxes are removed rather than left behind.
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(on_signal)
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        tg.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from(args)
+    log.info("mcp-codeexec %s: runtime %s, image %s", __version__, settings.runtime, settings.image)
+    anyio.run(serve_stdio, settings)

@@ -1,0 +1,1 @@
+"""Where sandboxes run: `base` is the interface, `docker` the Docker Engine backend."""

@@ -1,0 +1,96 @@
+"""Where sandboxes run: the interface a backend implements (Docker today, Kubernetes later)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+class BackendUnavailable(Exception):
+    """The engine cannot serve right now (down, runtime missing, image missing)."""
+
+
+class SandboxGone(Exception):
+    """The named sandbox does not exist (any more)."""
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to create one sandbox."""
+
+    name: str
+    image: str
+    runtime: str
+    memory_bytes: int
+    cpus: float
+    pids_limit: int
+    workdir: str
+    tmp_bytes: int
+    user: str = "1000:1000"
+    labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SandboxState:
+    running: bool
+    status: str  # the engine's word: running, exited, created, ...
+    exit_code: int | None = None
+    oom_killed: bool = False
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    engine: str  # e.g. "Docker Engine 20.10.24"
+    runtime: str  # the OCI runtime sandboxes use
+    isolation: str  # human words: "gVisor (runsc): user-space kernel" / "runc: shared host kernel"
+
+
+class AgentStream(abc.ABC):
+    """A byte stream to the agent process inside a sandbox (its stdin and stdout)."""
+
+    @abc.abstractmethod
+    async def send(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def receive(self) -> bytes:
+        """The next bytes of the agent's stdout; raises anyio.EndOfStream when it ends."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def stderr_tail(self) -> str:
+        """The last few KiB the agent wrote to stderr (for diagnosing a death)."""
+
+
+class Deployment(abc.ABC):
+    """Creates, starts, inspects and removes sandboxes, and opens agent streams into them."""
+
+    @abc.abstractmethod
+    async def check(self) -> BackendInfo:
+        """Raise BackendUnavailable unless sandboxes can be created right now."""
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec) -> None:
+        """Create (not start) the sandbox and its workspace storage."""
+
+    @abc.abstractmethod
+    async def start(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def kill(self, name: str) -> None:
+        """Stop every process in the sandbox at once; its workspace stays."""
+
+    @abc.abstractmethod
+    async def remove(self, name: str) -> None:
+        """Remove the sandbox and its workspace storage. Missing is not an error."""
+
+    @abc.abstractmethod
+    async def state(self, name: str) -> SandboxState:
+        """Raises SandboxGone if it does not exist."""
+
+    @abc.abstractmethod
+    async def open_agent(self, name: str, argv: list[str], env: dict[str, str]) -> AgentStream:
+        """Start `argv` inside the running sandbox with stdin/stdout attached."""

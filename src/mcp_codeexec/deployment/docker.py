@@ -1,0 +1,255 @@
+"""Sandboxes as Docker Engine containers (gVisor `runsc` by default).
+
+Management calls (create, start, inspect, remove) go through the `docker` SDK in a worker
+thread; they are rare. The agent stream, used by every tool call, is an exec attached
+over the engine's unix socket with a raw, fully asynchronous HTTP upgrade, then the
+engine's stdout/stderr multiplexing is undone here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from functools import partial
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlparse
+
+import anyio
+import anyio.abc
+import docker
+import docker.errors
+import requests.exceptions
+
+from mcp_codeexec.deployment.base import (
+    AgentStream,
+    BackendInfo,
+    BackendUnavailable,
+    Deployment,
+    SandboxGone,
+    SandboxSpec,
+    SandboxState,
+)
+
+_T = TypeVar("_T")
+_MUX_HEADER = struct.Struct(">BxxxI")
+_STDERR_KEEP = 8192
+
+
+def _socket_path() -> str:
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    url = urlparse(host)
+    if url.scheme != "unix":
+        raise BackendUnavailable(f"DOCKER_HOST={host}: only unix:// engine sockets are supported")
+    return url.path
+
+
+def workspace_volume(name: str) -> str:
+    return f"{name}-workspace"
+
+
+class DockerAgentStream(AgentStream):
+    """Demultiplexes the engine's framed exec stream: stdout to the caller, stderr kept."""
+
+    def __init__(self, sock: anyio.abc.SocketStream, leftover: bytes) -> None:
+        self._sock = sock
+        self._buffer = bytearray(leftover)
+        self._stderr = bytearray()
+
+    async def send(self, data: bytes) -> None:
+        await self._sock.send(data)
+
+    async def receive(self) -> bytes:
+        while True:
+            if len(self._buffer) >= _MUX_HEADER.size:
+                stream, size = _MUX_HEADER.unpack_from(self._buffer)
+                end = _MUX_HEADER.size + size
+                if len(self._buffer) >= end:
+                    payload = bytes(self._buffer[_MUX_HEADER.size : end])
+                    del self._buffer[:end]
+                    if stream == 2:
+                        self._stderr += payload
+                        del self._stderr[:-_STDERR_KEEP]
+                        continue
+                    return payload
+            self._buffer += await self._sock.receive(262144)  # raises EndOfStream at the end
+
+    async def aclose(self) -> None:
+        await self._sock.aclose()
+
+    @property
+    def stderr_tail(self) -> str:
+        return self._stderr.decode("utf-8", "replace")
+
+
+async def _http(path: str, body: dict[str, Any], *, upgrade: bool = False) -> tuple[int, bytes, anyio.abc.SocketStream]:
+    """One HTTP/1.1 POST to the engine; returns (status, body-or-leftover, socket)."""
+    sock = await anyio.connect_unix(_socket_path())
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n"
+        + ("Connection: Upgrade\r\nUpgrade: tcp\r\n" if upgrade else "Connection: close\r\n")
+        + "\r\n"
+    )
+    await sock.send(head.encode() + data)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        try:
+            raw += await sock.receive()
+        except anyio.EndOfStream:
+            break
+    header, _, rest = raw.partition(b"\r\n\r\n")
+    status = int(header.split(b" ", 2)[1])
+    if upgrade:
+        return status, rest, sock
+    length = 0
+    for line in header.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        try:
+            rest += await sock.receive()
+        except anyio.EndOfStream:
+            break
+    await sock.aclose()
+    return status, rest, sock
+
+
+class DockerDeployment(Deployment):
+    def __init__(self, runtime: str = "runsc") -> None:
+        self.runtime = runtime
+        self._api: docker.APIClient | None = None
+
+    @property
+    def api(self) -> docker.APIClient:
+        if self._api is None:
+            try:
+                self._api = docker.APIClient(base_url=f"unix://{_socket_path()}", version="auto", timeout=60)
+            except docker.errors.DockerException as exc:
+                raise BackendUnavailable(f"Docker Engine not reachable: {exc}") from exc
+        return self._api
+
+    async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        try:
+            return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+        except docker.errors.NotFound as exc:
+            raise SandboxGone(str(exc)) from exc
+        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
+            raise BackendUnavailable(f"Docker Engine error: {exc}") from exc
+
+    async def check(self, image: str | None = None) -> BackendInfo:
+        info = await self._call(lambda: self.api.info())
+        if self.runtime not in info.get("Runtimes", {}):
+            raise BackendUnavailable(
+                f"the engine has no runtime named {self.runtime!r} (it has: {', '.join(info.get('Runtimes', {}))}); "
+                "run scripts/setup.sh to register gVisor"
+            )
+        if image is not None:
+            try:
+                await self._call(self.api.inspect_image, image)
+            except SandboxGone:
+                raise BackendUnavailable(f"sandbox image {image!r} not found; build it with sandbox/build.sh") from None
+        isolation = (
+            "gVisor (runsc): each sandbox runs on its own user-space kernel"
+            if self.runtime == "runsc"
+            else f"{self.runtime}: containers share the host kernel (weaker isolation)"
+        )
+        return BackendInfo(engine=f"Docker Engine {info.get('ServerVersion', '?')}", runtime=self.runtime, isolation=isolation)
+
+    async def create(self, spec: SandboxSpec) -> None:
+        volume = workspace_volume(spec.name)
+
+        def create() -> None:
+            self.api.create_volume(volume, labels=spec.labels)
+            host_config = self.api.create_host_config(
+                runtime=spec.runtime,
+                network_mode="none",
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                read_only=True,
+                init=True,  # tini as PID 1 reaps orphans of killed commands
+                mem_limit=spec.memory_bytes,
+                memswap_limit=spec.memory_bytes,
+                nano_cpus=int(spec.cpus * 1e9),
+                pids_limit=spec.pids_limit,
+                binds={volume: {"bind": spec.workdir, "mode": "rw"}},
+                tmpfs={
+                    "/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777",
+                    "/home/sandbox": f"rw,nosuid,nodev,size={spec.tmp_bytes},uid=1000,gid=1000,mode=0755",
+                },
+            )
+            self.api.create_container(
+                spec.image,
+                command=["sleep", "infinity"],
+                name=spec.name,
+                user=spec.user,
+                working_dir=spec.workdir,
+                environment=spec.env,
+                labels=spec.labels,
+                hostname="sandbox",
+                network_disabled=True,
+                host_config=host_config,
+            )
+
+        try:
+            await self._call(create)
+        except SandboxGone as exc:  # the image is missing
+            raise BackendUnavailable(f"cannot create sandbox: {exc}") from exc
+
+    async def start(self, name: str) -> None:
+        await self._call(self.api.start, name)
+
+    async def kill(self, name: str) -> None:
+        try:
+            await self._call(self.api.kill, name)
+        except BackendUnavailable:
+            pass  # already stopped: the engine answers 409
+        await self._call(self.api.wait, name, timeout=30)
+
+    async def remove(self, name: str) -> None:
+        try:
+            await self._call(self.api.remove_container, name, force=True)
+        except SandboxGone:
+            pass
+        try:
+            await self._call(self.api.remove_volume, workspace_volume(name), force=True)
+        except SandboxGone:
+            pass
+
+    async def state(self, name: str) -> SandboxState:
+        info = await self._call(self.api.inspect_container, name)
+        s = info["State"]
+        return SandboxState(
+            running=bool(s.get("Running")),
+            status=s.get("Status", "?"),
+            exit_code=s.get("ExitCode"),
+            oom_killed=bool(s.get("OOMKilled")),
+        )
+
+    async def open_agent(self, name: str, argv: list[str], env: dict[str, str]) -> AgentStream:
+        try:
+            status, body, _ = await _http(
+                f"/containers/{name}/exec",
+                {
+                    "AttachStdin": True,
+                    "AttachStdout": True,
+                    "AttachStderr": True,
+                    "Tty": False,
+                    "Cmd": argv,
+                    "Env": [f"{k}={v}" for k, v in env.items()],
+                },
+            )
+            if status == 404:
+                raise SandboxGone(f"sandbox {name} not found")
+            if status != 201:
+                raise BackendUnavailable(f"exec create failed ({status}): {body[:300]!r}")
+            exec_id = json.loads(body)["Id"]
+            status, leftover, sock = await _http(f"/exec/{exec_id}/start", {"Detach": False, "Tty": False}, upgrade=True)
+        except OSError as exc:
+            raise BackendUnavailable(f"Docker Engine not reachable: {exc}") from exc
+        if status not in (101, 200):
+            await sock.aclose()
+            raise BackendUnavailable(f"exec start failed ({status})")
+        return DockerAgentStream(sock, leftover)
