@@ -1,0 +1,86 @@
+"""Fixtures: the real server process over stdio, driven by the `mcp` SDK's client, with
+real Docker and real gVisor. Without Docker these tests FAIL (never skip)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import docker
+import pytest
+from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters
+
+from strict import validate_result
+
+IMAGE = os.environ.get("MCP_CODEEXEC_IMAGE", "mcp-codeexec-sandbox:latest")
+LABEL = "org.mcp-codeexec"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def engine() -> docker.APIClient:
+    """The Docker Engine, with gVisor registered and the sandbox image built."""
+    try:
+        api = docker.APIClient(version="auto")
+        info = api.info()
+    except Exception as exc:  # noqa: BLE001 - any failure here means no engine
+        pytest.fail(f"Docker Engine is required for these tests and is not reachable: {exc}. Run scripts/setup.sh.")
+    assert "runsc" in info.get("Runtimes", {}), "gVisor (runsc) is not registered with Docker; run scripts/setup.sh"
+    api.inspect_image(IMAGE)
+    return api
+
+
+class Session:
+    """A connected MCP client whose every tool result is validated strictly."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def call(self, tool: str, arguments: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        result = await self.client.call_tool(tool, arguments, **kwargs)
+        structured = result.structured_content
+        assert isinstance(structured, dict), result
+        validate_result(tool, structured)
+        # The text block carries the same object, as JSON.
+        assert json.loads(result.content[0].text) == structured
+        assert result.is_error == structured["type"].endswith("_tool_result_error")
+        assert result.meta and set(result.meta["container"]) == {"id", "expires_at"}
+        self.last_meta = result.meta
+        return structured
+
+    async def bash(self, command: Any, **kwargs: Any) -> dict[str, Any]:
+        return await self.call("bash_code_execution", {"command": command}, **kwargs)
+
+    async def edit(self, **arguments: Any) -> dict[str, Any]:
+        return await self.call("text_editor_code_execution", arguments)
+
+
+def server_params(*args: str) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_codeexec", "--image", IMAGE, *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+async def connect(*args: str) -> AsyncIterator[Session]:
+    async with Client(server_params(*args)) as client:
+        yield Session(client)
+
+
+# One server for most tests: short time limit and small memory so the hostile cases are quick.
+DEFAULT_ARGS = ("--timeout", "5", "--memory", "1g", "--max-output", "20000", "--pids", "256")
+
+
+@pytest.fixture(scope="module")
+async def sandbox(engine: docker.APIClient) -> AsyncIterator[Session]:
+    async for session in connect(*DEFAULT_ARGS):
+        yield session

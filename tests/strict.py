@@ -1,0 +1,58 @@
+"""Strict validation of tool results against the official `anthropic` SDK models.
+
+The SDK's models accept unknown fields silently (extra="allow"), so: validate, reject
+extras at every level, and require an exact round trip (ANTHROPIC_WIRE_SCHEMAS.md §7).
+Error codes the API documents but the SDK enums lack yet are checked structurally.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anthropic.types.beta import (
+    BetaBashCodeExecutionToolResultBlock,
+    BetaTextEditorCodeExecutionToolResultBlock,
+)
+from pydantic import BaseModel
+
+# Documented in the seeds' error table, absent from SDK 2.12's enums.
+EXTRA_CODES = {
+    "bash_code_execution_tool_result_error": {"container_expired"},
+    "text_editor_code_execution_tool_result_error": {"container_expired", "string_not_found"},
+}
+
+
+def _walk(obj: Any, path: str = "$") -> None:
+    if isinstance(obj, BaseModel):
+        assert not obj.model_extra, f"unknown field(s) at {path}: {sorted(obj.model_extra)}"
+        for name in type(obj).model_fields:
+            _walk(getattr(obj, name), f"{path}.{name}")
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            _walk(item, f"{path}[{i}]")
+
+
+def strict_validate(model_cls: type[BaseModel], data: dict[str, Any]) -> BaseModel:
+    obj = model_cls.model_validate(data)
+    _walk(obj)
+    assert obj.to_dict(mode="json", exclude_unset=True) == data  # type: ignore[attr-defined]
+    return obj
+
+
+def validate_result(tool: str, structured: dict[str, Any]) -> None:
+    """Validate the MCP structuredContent (the inner result object) of `tool`."""
+    block = {
+        "bash_code_execution": BetaBashCodeExecutionToolResultBlock,
+        "text_editor_code_execution": BetaTextEditorCodeExecutionToolResultBlock,
+    }[tool]
+    kind = block.__name__.removeprefix("Beta").removesuffix("Block")
+    wrapped = {"type": {"BashCodeExecutionToolResult": "bash_code_execution_tool_result",
+                        "TextEditorCodeExecutionToolResult": "text_editor_code_execution_tool_result"}[kind],
+               "tool_use_id": "srvtoolu_test", "content": structured}
+    if structured.get("error_code") in EXTRA_CODES.get(structured.get("type", ""), set()):
+        # Same shape as a known code: swap in a code the SDK knows, validate, then check the rest.
+        known = dict(structured, error_code="unavailable")
+        strict_validate(block, dict(wrapped, content=known))
+        assert set(structured) <= {"type", "error_code", "error_message"}
+        return
+    strict_validate(block, wrapped)

@@ -1,0 +1,74 @@
+"""The MCP surface: tool schemas, the system prompt, container identity, availability."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from mcp.client import Client
+
+from conftest import IMAGE, connect, server_params
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_tools_and_schemas(sandbox):
+    tools = {t.name: t for t in (await sandbox.client.list_tools()).tools}
+    assert set(tools) == {"bash_code_execution", "text_editor_code_execution"}
+    assert tools["bash_code_execution"].input_schema["required"] == ["command"]
+    editor = tools["text_editor_code_execution"].input_schema
+    assert editor["properties"]["command"]["enum"] == ["view", "create", "str_replace"]
+    assert editor["required"] == ["command", "path"]
+    for tool in tools.values():
+        assert tool.output_schema["type"] == "object" and "anyOf" in tool.output_schema
+
+
+async def test_system_prompt_resource_and_prompt(sandbox):
+    resources = (await sandbox.client.list_resources()).resources
+    assert [str(r.uri) for r in resources] == ["codeexec://system-prompt"]
+    text = (await sandbox.client.read_resource("codeexec://system-prompt")).contents[0].text
+    for fact in ("do not carry", "/workspace", "5 seconds", "No network", "Python 3.11", "1 GiB", "gVisor"):
+        assert fact in text, fact
+    prompt = await sandbox.client.get_prompt("code_execution_system_prompt")
+    assert prompt.messages[0].content.text == text
+
+
+async def test_container_meta(sandbox):
+    await sandbox.bash("true")
+    first = sandbox.last_meta["container"]
+    await sandbox.edit(command="view", path=".")
+    assert sandbox.last_meta["container"] == first  # one container per session
+    assert first["id"].startswith("container_")
+    expires = datetime.fromisoformat(first["expires_at"].replace("Z", "+00:00"))
+    assert timedelta(days=29) < expires - datetime.now(timezone.utc) <= timedelta(days=30)
+
+
+async def test_missing_image_answers_unavailable(engine):
+    async with Client(server_params("--image", "mcp-codeexec-no-such-image:0")) as client:
+        r = await client.call_tool("bash_code_execution", {"command": "true"})
+        assert r.is_error and r.structured_content == {"type": "bash_code_execution_tool_result_error", "error_code": "unavailable"}
+        r = await client.call_tool("text_editor_code_execution", {"command": "view", "path": "."})
+        assert r.structured_content["error_code"] == "unavailable"
+        assert "image" in r.structured_content["error_message"]
+
+
+async def test_session_container_removed_on_exit(engine):
+    async for session in connect("--timeout", "5"):
+        await session.bash("true")
+        name = f"mcp-codeexec-{session.last_meta['container']['id']}"
+        assert engine.inspect_container(name)["State"]["Running"]
+    assert not engine.containers(all=True, filters={"name": name})
+    assert not [v for v in engine.volumes()["Volumes"] or [] if v["Name"].startswith(name)]
+
+
+def test_runc_needs_explicit_opt_in():
+    r = subprocess.run([sys.executable, "-m", "mcp_codeexec", "--runtime", "runc"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--allow-weak-isolation" in r.stderr
+
+
+async def test_unknown_tool_is_a_protocol_error(sandbox):
+    with pytest.raises(Exception):
+        await sandbox.client.call_tool("no_such_tool", {})
+    assert (await sandbox.bash("echo still-serving"))["stdout"] == "still-serving\n"
