@@ -25,6 +25,7 @@ from mcp_codeexec.deployment.base import BackendUnavailable, Deployment, Sandbox
 log = logging.getLogger(__name__)
 
 LABEL = "org.mcp-codeexec"
+_WATCH_INTERVAL = 2.0
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -120,17 +121,44 @@ class Sandbox:
     async def request(self, request: p.Request, limit: float, on_output: Callable[[p.Output], None] | None = None) -> Any:
         """One request to the agent, with death detection and an outside time backstop."""
         agent = await self.agent()
-        try:
-            with anyio.fail_after(limit + self.settings.backstop_grace):
-                return await agent.request(request, on_output)
-        except TimeoutError:
-            log.warning("sandbox %s: no answer within the backstop; restarting it", self.info.id)
-            await self._restart()
-            raise CallTimedOut() from None
-        except AgentDied as exc:
-            reason = await self._diagnose(agent, str(exc))
-            await self._restart()
-            raise SandboxDied(reason) from None
+        reply: Any = None
+        died, detail = False, "no answer"
+
+        async def call() -> None:
+            nonlocal reply, died, detail
+            try:
+                reply = await agent.request(request, on_output)
+            except AgentDied as exc:
+                died, detail = True, str(exc)
+            tg.cancel_scope.cancel()
+
+        async def watch() -> None:
+            # A sandbox killed by the host (memory) can leave the exec stream open but
+            # silent: look at the container itself while a call runs long.
+            nonlocal died
+            while True:
+                await anyio.sleep(_WATCH_INTERVAL)
+                try:
+                    state = await self.deployment.state(self.name)
+                except SandboxGone:
+                    state = None
+                if state is None or not state.running:
+                    died = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        with anyio.move_on_after(limit + self.settings.backstop_grace) as backstop:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                tg.start_soon(watch)
+        if not died and not backstop.cancelled_caught:
+            return reply
+        reason = await self._diagnose(agent, detail)
+        await self._restart()
+        if died:
+            raise SandboxDied(reason)
+        log.warning("sandbox %s: no answer within the backstop (%s); restarted it", self.info.id, reason)
+        raise CallTimedOut()
 
     async def _diagnose(self, agent: AgentClient, fallback: str) -> str:
         try:

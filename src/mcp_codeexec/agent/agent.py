@@ -8,9 +8,11 @@ costs a spawn of `bash` and nothing else: no `docker exec` per call.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -22,6 +24,7 @@ from mcp_codeexec.agent.editor import Editor, EditorError
 # hold open before returning (their later output is dropped).
 _DRAIN_AFTER_EXIT = 0.2
 _CHUNK = 65536
+_ARGV_MAX = 100_000
 
 
 class CappedBuffer:
@@ -111,6 +114,22 @@ class Agent:
         self.out_fd = out_fd
         self.editor = Editor(root=os.environ.get("MCP_CODEEXEC_ROOT", "/"), workdir=os.getcwd())
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.children: dict[int, tuple[subprocess.Popen[bytes], asyncio.Future[int]]] = {}
+
+    def reap(self) -> None:
+        """On SIGCHLD: collect our commands' exit codes without blocking. A signal handler
+        instead of a waiter thread per command: threads are costly under gVisor's ptrace
+        platform, and this keeps the agent single-threaded while commands run."""
+        for pid, (proc, exited) in list(self.children.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                del self.children[pid]
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                if not exited.done():
+                    exited.set_result(proc.returncode)
 
     def send(self, request_id: int, reply: Any) -> None:
         # One synchronous write loop per frame: frames never interleave (single thread),
@@ -171,28 +190,49 @@ class Agent:
 
     async def run(self, request_id: int, request: p.Exec) -> p.ExecResult:
         started = time.monotonic()
-
-        proc = await asyncio.create_subprocess_exec(
-            "bash", "-c", request.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        loop = asyncio.get_running_loop()
+        # Popen, not asyncio's subprocess: asyncio's wait() also waits for the pipes to
+        # close, so a background child holding stdout would hold the call.
+        argv, script_fd = ["bash", "-c", request.command], None
+        if len(request.command) > _ARGV_MAX:
+            # Too long for one argv string (the kernel caps each at 128 KiB): source it from
+            # an in-memory file instead.
+            script_fd = os.memfd_create("command")
+            os.write(script_fd, request.command.encode("utf-8", "surrogateescape"))
+            argv = ["bash", "-c", f". /proc/self/fd/{script_fd}"]
+        proc = subprocess.Popen(
+            argv,
+            pass_fds=(script_fd,) if script_fd is not None else (),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             cwd=request.cwd,
             env={**os.environ, **request.env},
             start_new_session=True,  # no preexec_fn: it would force fork() over vfork(), ~4x slower on gVisor
         )
+        if script_fd is not None:
+            os.close(script_fd)
+        exited: asyncio.Future[int] = loop.create_future()
+        self.children[proc.pid] = (proc, exited)
+        self.reap()  # it may have exited before it was registered
         buffers = {"stdout": CappedBuffer(request.max_output), "stderr": CappedBuffer(request.max_output)}
 
-        async def pump(name: str, stream: asyncio.StreamReader) -> None:
-            while chunk := await stream.read(_CHUNK):
-                buffers[name].add(chunk)
-                if request.stream:
-                    self.send(request_id, p.Output(name, chunk.decode("utf-8", "replace")))
+        async def pump(name: str, pipe: Any) -> None:
+            reader = asyncio.StreamReader(limit=_CHUNK)
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            try:
+                while chunk := await reader.read(_CHUNK):
+                    buffers[name].add(chunk)
+                    if request.stream:
+                        self.send(request_id, p.Output(name, decoder.decode(chunk)))
+            finally:
+                transport.close()
 
-        pumps = [asyncio.create_task(pump("stdout", proc.stdout)), asyncio.create_task(pump("stderr", proc.stderr))]  # type: ignore[arg-type]
+        pumps = [asyncio.create_task(pump("stdout", proc.stdout)), asyncio.create_task(pump("stderr", proc.stderr))]
         timed_out = cancelled = False
         try:
-            await asyncio.wait_for(proc.wait(), request.timeout)
+            await asyncio.wait_for(asyncio.shield(exited), request.timeout)
             # Background children may still hold the pipes: give them a moment, then stop.
             await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
         except asyncio.TimeoutError:
@@ -202,11 +242,11 @@ class Agent:
         finally:
             if timed_out or cancelled:
                 kill_tree(proc.pid)
-                await proc.wait()
+                await exited
                 await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
             for task in pumps:
                 task.cancel()
-        code = proc.returncode if proc.returncode is not None else -9
+        code = exited.result()
         result = p.ExecResult(
             stdout=buffers["stdout"].text("stdout"),
             stderr=buffers["stderr"].text("stderr"),
@@ -227,7 +267,9 @@ async def _main(in_fd: int, out_fd: int) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=p.MAX_FRAME)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(in_fd, "rb", buffering=0))
-    await Agent(out_fd).serve(reader)
+    agent = Agent(out_fd)
+    loop.add_signal_handler(signal.SIGCHLD, agent.reap)
+    await agent.serve(reader)
 
 
 def main() -> None:
