@@ -9,7 +9,7 @@ pytestmark = pytest.mark.anyio
 
 def container_of(engine, sandbox) -> dict:
     cid = sandbox.last_meta["container"]["id"]
-    return engine.inspect_container(f"mcp-codeexec-{cid}")
+    return engine.inspect_container(f"mcp-codeexec.default.{cid}")
 
 
 async def test_only_loopback_inside_and_no_network_in_engine(sandbox, engine):
@@ -43,7 +43,7 @@ async def test_read_only_root_and_no_host_files(sandbox, engine):
     info = container_of(engine, sandbox)
     # Nothing of the host is mounted: only the workspace volume (tmpfs mounts are not binds).
     assert [m["Type"] for m in info["Mounts"]] == ["volume"]
-    assert info["HostConfig"]["Binds"] == [f"mcp-codeexec-{sandbox.last_meta['container']['id']}-workspace:/workspace:rw"]
+    assert info["HostConfig"]["Binds"] == [f"mcp-codeexec-ws.{sandbox.last_meta['container']['id']}:/workspace:rw"]
 
 
 async def test_runs_under_gvisor_kernel(sandbox):

@@ -11,7 +11,7 @@ import anyio
 from mcp.server.stdio import stdio_server
 
 from mcp_codeexec import __version__
-from mcp_codeexec.config import Settings, parse_size
+from mcp_codeexec.config import Settings, parse_duration, parse_size
 
 log = logging.getLogger("mcp_codeexec")
 
@@ -32,6 +32,13 @@ def parser() -> argparse.ArgumentParser:
                     help=f"stdout/stderr cap per call and stream, head and tail kept (default {d.max_output_bytes})")
     ap.add_argument("--workdir", default=d.workdir, help=f"working directory inside the sandbox (default {d.workdir})")
     ap.add_argument("--tmp-size", default="512m", help="size of /tmp and $HOME tmpfs in the sandbox (default 512m)")
+    ap.add_argument("--container", metavar="ID", help="reuse this container (an id from a result's _meta) for the session")
+    ap.add_argument("--lifetime", default="30d", help="containers expire this long after creation (default 30d; e.g. 1h, 90s)")
+    ap.add_argument("--idle-stop", default="15m", help="stop a container after this long without calls; files stay (default 15m)")
+    ap.add_argument("--max-running", type=int, default=d.max_running, help=f"running containers per server (default {d.max_running})")
+    ap.add_argument("--pool", type=int, default=d.pool_size, help="started containers kept ready for new sessions (default 0)")
+    ap.add_argument("--no-prepare", action="store_true", help="do not start the session's container before its first call")
+    ap.add_argument("--reap-interval", default="60s", help=argparse.SUPPRESS)
     ap.add_argument("--log-level", default="INFO", help="server log level, logs go to stderr (default INFO)")
     return ap
 
@@ -52,6 +59,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_output_bytes=parse_size(args.max_output),
         workdir=args.workdir,
         tmp_bytes=parse_size(args.tmp_size),
+        container=args.container,
+        lifetime=parse_duration(args.lifetime),
+        idle_stop=parse_duration(args.idle_stop),
+        max_running=args.max_running,
+        pool_size=args.pool,
+        prepare_session=not args.no_prepare,
+        reap_interval=parse_duration(args.reap_interval),
     )
 
 

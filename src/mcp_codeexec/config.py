@@ -19,6 +19,16 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+def parse_duration(text: str | float) -> float:
+    """'30d', '1h', '90s', '15m', '2.5' (seconds) -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 30d, 1h, 90s)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
 def format_size(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size and n % (size // 16 or 1) == 0:
@@ -39,8 +49,14 @@ class Settings(BaseModel):
     max_output_bytes: int = Field(default=50_000, ge=1024)  # per stream, head + tail kept
     workdir: str = "/workspace"
     tmp_bytes: int = 512 << 20
-    lifetime_days: float = 30.0
-    tenant: str = "default"
+    lifetime: float = 30 * 86400.0  # seconds: a container expires this long after creation
+    tenant: str = "default"  # stdio's one tenant; HTTP maps tokens to tenants
+    container: str | None = None  # stdio: reuse this container id for the session
+    pool_size: int = 0  # started containers kept ready for new sessions
+    prepare_session: bool = True  # stdio: start the session's container at launch
+    max_running: int = Field(default=32, ge=1)  # running containers per server; idle ones are stopped past it
+    idle_stop: float = 900.0  # seconds without a call before a container is stopped (files kept)
+    reap_interval: float = 60.0
     # Past timeout + this, the server stops waiting for the agent and restarts the sandbox.
     backstop_grace: float = 10.0
 

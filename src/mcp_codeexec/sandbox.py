@@ -12,7 +12,8 @@ import secrets
 import string
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+import time
+from typing import Any, Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -46,6 +47,18 @@ class CallTimedOut(Exception):
     """The agent did not answer within the time limit plus the backstop grace."""
 
 
+class ContainerExpired(Exception):
+    """The container has expired, or is gone: the API's `container_expired`."""
+
+
+def _utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 @dataclass(frozen=True)
 class ContainerInfo:
     id: str
@@ -53,40 +66,70 @@ class ContainerInfo:
     expires_at: datetime
 
     def meta(self) -> dict[str, Any]:
-        return {"id": self.id, "expires_at": self.expires_at.isoformat().replace("+00:00", "Z")}
+        return {"id": self.id, "expires_at": iso(self.expires_at)}
+
+    @property
+    def expired(self) -> bool:
+        return datetime.now(timezone.utc) >= self.expires_at
+
+    def labels(self) -> dict[str, str]:
+        return {f"{LABEL}.created_at": iso(self.created_at), f"{LABEL}.expires_at": iso(self.expires_at)}
+
+    @classmethod
+    def new(cls, lifetime: timedelta) -> ContainerInfo:
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        return cls(new_container_id(), now, now + lifetime)
+
+    @classmethod
+    def from_labels(cls, container_id: str, labels: dict[str, str]) -> ContainerInfo:
+        return cls(container_id, _utc(labels[f"{LABEL}.created_at"]), _utc(labels[f"{LABEL}.expires_at"]))
+
+
+def sandbox_spec(
+    settings: Settings, name: str, volume: str, info: ContainerInfo, extra_labels: dict[str, str] | None = None
+) -> SandboxSpec:
+    s = settings
+    return SandboxSpec(
+        name=name,
+        volume=volume,
+        image=s.image,
+        runtime=s.runtime,
+        memory_bytes=s.memory_bytes,
+        cpus=s.cpus,
+        pids_limit=s.pids_limit,
+        workdir=s.workdir,
+        tmp_bytes=s.tmp_bytes,
+        labels={f"{LABEL}.managed": "1", **info.labels(), **(extra_labels or {})},
+        env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"},
+    )
 
 
 class Sandbox:
-    def __init__(self, settings: Settings, deployment: Deployment, task_group: anyio.abc.TaskGroup) -> None:
+    """A container that exists in the engine (created by the container manager)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        deployment: Deployment,
+        task_group: anyio.abc.TaskGroup,
+        name: str,
+        info: ContainerInfo,
+        before_start: Callable[[Sandbox], Awaitable[None]] | None = None,
+    ) -> None:
         self.settings = settings
         self.deployment = deployment
         self.task_group = task_group
-        now = datetime.now(timezone.utc).replace(microsecond=0)
-        self.info = ContainerInfo(new_container_id(), now, now + timedelta(days=settings.lifetime_days))
-        self.name = f"mcp-codeexec-{self.info.id}"
-        self._created = False
+        self.name = name
+        self.info = info
+        self.before_start = before_start
+        self.in_flight = 0
+        self.last_used = time.monotonic()
         self._agent: AgentClient | None = None
         self._lock = anyio.Lock()  # guards (re)start of the container and the agent
 
-    def spec(self) -> SandboxSpec:
-        s = self.settings
-        return SandboxSpec(
-            name=self.name,
-            image=s.image,
-            runtime=s.runtime,
-            memory_bytes=s.memory_bytes,
-            cpus=s.cpus,
-            pids_limit=s.pids_limit,
-            workdir=s.workdir,
-            tmp_bytes=s.tmp_bytes,
-            labels={
-                f"{LABEL}.id": self.info.id,
-                f"{LABEL}.tenant": s.tenant,
-                f"{LABEL}.created_at": self.info.created_at.isoformat(),
-                f"{LABEL}.expires_at": self.info.expires_at.isoformat(),
-            },
-            env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"},
-        )
+    @property
+    def running(self) -> bool:
+        return self._agent is not None and not self._agent.closed.is_set()
 
     async def agent(self) -> AgentClient:
         """The live agent, starting the container and the agent as needed."""
@@ -96,12 +139,16 @@ class Sandbox:
         async with self._lock:
             if self._agent is not None and not self._agent.closed.is_set():
                 return self._agent
-            if not self._created:
-                await self.deployment.create(self.spec())
-                self._created = True
-            state = await self.deployment.state(self.name)
-            if not state.running:
-                await self.deployment.start(self.name)
+            if self.info.expired:
+                raise ContainerExpired(f"container {self.info.id} expired at {iso(self.info.expires_at)}")
+            try:
+                state = await self.deployment.state(self.name)
+                if not state.running:
+                    if self.before_start is not None:
+                        await self.before_start(self)
+                    await self.deployment.start(self.name)
+            except SandboxGone:
+                raise ContainerExpired(f"container {self.info.id} no longer exists") from None
             stream = await self.deployment.open_agent(
                 self.name,
                 agent_argv(),
@@ -120,6 +167,16 @@ class Sandbox:
 
     async def request(self, request: p.Request, limit: float, on_output: Callable[[p.Output], None] | None = None) -> Any:
         """One request to the agent, with death detection and an outside time backstop."""
+        self.in_flight += 1
+        try:
+            return await self._request(request, limit, on_output)
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.monotonic()
+
+    async def _request(self, request: p.Request, limit: float, on_output: Callable[[p.Output], None] | None) -> Any:
+        if self.info.expired:
+            raise ContainerExpired(f"container {self.info.id} expired at {iso(self.info.expires_at)}")
         agent = await self.agent()
         reply: Any = None
         died, detail = False, "no answer"
@@ -176,17 +233,25 @@ class Sandbox:
         return f"the sandbox's agent died ({fallback})" + (f": {' | '.join(tail)}" if tail else "")
 
     async def _restart(self) -> None:
+        """Kill the container; the next call starts it again (its workspace is a volume)."""
         async with self._lock:
-            if self._agent is not None:
-                await self._agent.aclose()
-                self._agent = None
+            await self._drop_agent()
             try:
                 await self.deployment.kill(self.name)
             except SandboxGone:
-                self._created = False
+                pass  # the next call answers container_expired
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
+        """Stop an idle sandbox so it costs no memory; the next call restarts it."""
+        async with self._lock:
+            await self._drop_agent()
+            await self.deployment.kill(self.name)
+
+    async def _drop_agent(self) -> None:
         if self._agent is not None:
             await self._agent.aclose()
-        if self._created:
-            await self.deployment.remove(self.name)
+            self._agent = None
+
+    async def detach(self) -> None:
+        """Close this server's agent connection; the container keeps running."""
+        await self._drop_agent()

@@ -25,7 +25,9 @@ from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import BackendUnavailable, Deployment
 from mcp_codeexec.deployment.docker import DockerDeployment
+from mcp_codeexec.sandbox import Sandbox
 from mcp_codeexec.prompt import PROMPT_NAME, PROMPT_URI, ImageFacts, system_prompt
+from mcp_codeexec.containers import ContainerManager
 from mcp_codeexec.sessions import Sessions
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ _PROGRESS_TAIL = 2000
 class AppState:
     settings: Settings
     deployment: Deployment
+    containers: ContainerManager
     sessions: Sessions
     isolation: str
     facts: ImageFacts
@@ -76,13 +79,30 @@ def _session_key(ctx: ServerRequestContext[AppState]) -> str:
     return (headers.get("mcp-session-id") if headers else None) or "stdio"
 
 
+def _requested_container(ctx: ServerRequestContext[AppState]) -> str | None:
+    """The container a request names in `_meta`: "container_…" or {"id": "container_…"}."""
+    named = (ctx.meta or {}).get("container")
+    if isinstance(named, dict):
+        named = named.get("id")
+    return named if isinstance(named, str) else None
+
+
+async def _prepare(sessions: Sessions) -> None:
+    """Start the stdio session's container at launch, so the first call finds it ready."""
+    try:
+        sandbox = await sessions.sandbox("stdio")
+        await sandbox.agent()
+    except Exception as exc:  # noqa: BLE001 - the first call will report it properly
+        log.info("could not prepare the session's container: %s", exc)
+
+
 def _result(outcome: BaseModel, meta: dict[str, Any]) -> types.CallToolResult:
     data = outcome.model_dump(mode="json")
     return types.CallToolResult(
         content=[types.TextContent(text=json.dumps(data, ensure_ascii=False))],
         structured_content=data,
         is_error=data["type"].endswith("_tool_result_error"),
-        _meta=meta,
+        _meta=meta or None,
     )
 
 
@@ -101,12 +121,17 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
         if settings.runtime != "runsc":
             log.warning("runtime %r: sandboxes share the host kernel; use runsc (gVisor) for real isolation", settings.runtime)
         async with anyio.create_task_group() as task_group:
-            sessions = Sessions(settings, backend, task_group)
+            containers = ContainerManager(settings, backend, task_group)
+            sessions = Sessions(containers, settings.tenant, settings.container)
+            task_group.start_soon(containers.run_reaper)
+            task_group.start_soon(containers.run_pool)
+            if settings.prepare_session:
+                task_group.start_soon(_prepare, sessions)
             try:
-                yield AppState(settings, backend, sessions, isolation, ImageFacts())
+                yield AppState(settings, backend, containers, sessions, isolation, ImageFacts())
             finally:
-                with anyio.CancelScope(shield=True):
-                    await sessions.close_all()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(20):
+                    await containers.shutdown()
                 task_group.cancel_scope.cancel()
 
     async def list_tools(ctx: ServerRequestContext[AppState], params: Any) -> types.ListToolsResult:
@@ -114,22 +139,27 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
 
     async def call_tool(ctx: ServerRequestContext[AppState], params: types.CallToolRequestParams) -> types.CallToolResult:
         state = ctx.lifespan_context
-        sandbox = state.sessions.for_session(_session_key(ctx))
+        session, requested = _session_key(ctx), _requested_container(ctx)
+
+        async def get_sandbox() -> Sandbox:
+            return await state.sessions.sandbox(session, requested)
+
         arguments = params.arguments or {}
         if params.name == wire.BASH_TOOL:
             progress = _Progress(ctx) if ctx.meta and ctx.meta.get("progress_token") is not None else None
             if progress is None:
-                outcome: BaseModel = await tools.bash(sandbox, arguments)
+                outcome = await tools.bash(settings, get_sandbox, arguments)
             else:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(progress.run)
-                    outcome = await tools.bash(sandbox, arguments, progress.add)
+                    outcome = await tools.bash(settings, get_sandbox, arguments, progress.add)
                     tg.cancel_scope.cancel()
         elif params.name == wire.EDITOR_TOOL:
-            outcome = await tools.editor(sandbox, arguments)
+            outcome = await tools.editor(get_sandbox, arguments)
         else:
             raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}")
-        return _result(outcome, {"container": sandbox.info.meta()})
+        meta = {"container": outcome.sandbox.info.meta()} if outcome.sandbox is not None else {}
+        return _result(outcome.result, meta)
 
     def prompt_text(state: AppState) -> str:
         return system_prompt(state.settings, state.isolation, state.facts)

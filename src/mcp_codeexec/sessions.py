@@ -1,36 +1,37 @@
-"""Which sandbox serves which MCP session.
+"""Which container serves a call.
 
-Each session gets its own sandbox, created on its first call and removed when the server
-shuts down. A session is named by a key: over stdio the whole process is one session; over
-HTTP it is the transport's session id.
+A call may name a container (request `_meta` `{"container": "container_…"}`, as the Claude
+API's `container` parameter does); otherwise it uses its session's container, created on
+the session's first call. Over stdio the whole process is one session, and `--container ID`
+names its container up front. Over HTTP a session is the transport's session id.
 """
 
 from __future__ import annotations
 
-import anyio
-import anyio.abc
+from collections import defaultdict
 
-from mcp_codeexec.config import Settings
-from mcp_codeexec.deployment.base import Deployment
+import anyio
+
+from mcp_codeexec.containers import ContainerManager
 from mcp_codeexec.sandbox import Sandbox
 
 
 class Sessions:
-    def __init__(self, settings: Settings, deployment: Deployment, task_group: anyio.abc.TaskGroup) -> None:
-        self.settings = settings
-        self.deployment = deployment
-        self.task_group = task_group
-        self._by_key: dict[str, Sandbox] = {}
+    def __init__(self, manager: ContainerManager, tenant: str, preset: str | None = None) -> None:
+        self.manager = manager
+        self.tenant = tenant
+        self._container_of: dict[str, str] = {}
+        self._preset = preset
+        self._locks: defaultdict[str, anyio.Lock] = defaultdict(anyio.Lock)
 
-    def for_session(self, key: str) -> Sandbox:
-        sandbox = self._by_key.get(key)
-        if sandbox is None:
-            sandbox = self._by_key[key] = Sandbox(self.settings, self.deployment, self.task_group)
-        return sandbox
-
-    async def close_all(self) -> None:
-        """Remove every sandbox, in parallel: clients give a server little time to exit."""
-        async with anyio.create_task_group() as tg:
-            for sandbox in self._by_key.values():
-                tg.start_soon(sandbox.close)
-        self._by_key.clear()
+    async def sandbox(self, session: str, requested: str | None = None) -> Sandbox:
+        if requested is not None:
+            return await self.manager.open(self.tenant, requested)
+        async with self._locks[session]:  # one first call creates the session's container
+            container_id = self._container_of.get(session) or self._preset
+            if container_id is not None:
+                sandbox = await self.manager.open(self.tenant, container_id)
+            else:
+                sandbox = await self.manager.new(self.tenant)
+            self._container_of[session] = sandbox.info.id
+            return sandbox

@@ -14,11 +14,16 @@ class SandboxGone(Exception):
     """The named sandbox does not exist (any more)."""
 
 
+class NameTaken(Exception):
+    """A sandbox of that name exists already (a rename lost a race)."""
+
+
 @dataclass(frozen=True)
 class SandboxSpec:
     """Everything needed to create one sandbox."""
 
     name: str
+    volume: str  # the workspace's storage, named apart so it can outlive renames
     image: str
     runtime: str
     memory_bytes: int
@@ -37,6 +42,15 @@ class SandboxState:
     status: str  # the engine's word: running, exited, created, ...
     exit_code: int | None = None
     oom_killed: bool = False
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """A sandbox as the engine lists it."""
+
+    name: str
+    labels: dict[str, str]
+    running: bool
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,18 @@ class Deployment(abc.ABC):
     async def start(self, name: str) -> None: ...
 
     @abc.abstractmethod
+    async def rename(self, name: str, new_name: str) -> None:
+        """Atomic in the engine: raises NameTaken if new_name exists, SandboxGone if name doesn't."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> list[SandboxRecord]:
+        """Every sandbox whose name starts with prefix."""
+
+    @abc.abstractmethod
+    async def volume_sizes(self) -> dict[str, int]:
+        """Bytes used by each workspace volume (may be slow: for listings, not hot paths)."""
+
+    @abc.abstractmethod
     async def kill(self, name: str) -> None:
         """Stop every process in the sandbox at once; its workspace stays."""
 
@@ -89,6 +115,10 @@ class Deployment(abc.ABC):
 
     @abc.abstractmethod
     async def state(self, name: str) -> SandboxState:
+        """Raises SandboxGone if it does not exist."""
+
+    @abc.abstractmethod
+    async def labels(self, name: str) -> dict[str, str]:
         """Raises SandboxGone if it does not exist."""
 
     @abc.abstractmethod

@@ -26,7 +26,9 @@ from mcp_codeexec.deployment.base import (
     BackendInfo,
     BackendUnavailable,
     Deployment,
+    NameTaken,
     SandboxGone,
+    SandboxRecord,
     SandboxSpec,
     SandboxState,
 )
@@ -44,8 +46,7 @@ def _socket_path() -> str:
     return url.path
 
 
-def workspace_volume(name: str) -> str:
-    return f"{name}-workspace"
+VOLUME_LABEL = "org.mcp-codeexec.volume"
 
 
 class DockerAgentStream(AgentStream):
@@ -159,7 +160,7 @@ class DockerDeployment(Deployment):
         return BackendInfo(engine=f"Docker Engine {info.get('ServerVersion', '?')}", runtime=self.runtime, isolation=isolation)
 
     async def create(self, spec: SandboxSpec) -> None:
-        volume = workspace_volume(spec.name)
+        volume = spec.volume
 
         def create() -> None:
             self.api.create_volume(volume, labels=spec.labels)
@@ -187,7 +188,7 @@ class DockerDeployment(Deployment):
                 user=spec.user,
                 working_dir=spec.workdir,
                 environment=spec.env,
-                labels=spec.labels,
+                labels={**spec.labels, VOLUME_LABEL: volume},
                 hostname="sandbox",
                 network_disabled=True,
                 host_config=host_config,
@@ -208,15 +209,44 @@ class DockerDeployment(Deployment):
             pass  # already stopped: the engine answers 409
         await self._call(self.api.wait, name, timeout=30)
 
+    async def rename(self, name: str, new_name: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.api.rename, name, new_name)
+        except docker.errors.NotFound as exc:
+            raise SandboxGone(str(exc)) from exc
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise NameTaken(str(exc)) from exc
+            raise BackendUnavailable(f"Docker Engine error: {exc}") from exc
+
+    async def list(self, prefix: str) -> list[SandboxRecord]:
+        found = await self._call(self.api.containers, all=True, filters={"name": prefix})
+        records = []
+        for c in found:
+            name = c["Names"][0].lstrip("/")
+            if name.startswith(prefix):  # the engine's filter matches anywhere in the name
+                records.append(SandboxRecord(name=name, labels=c.get("Labels") or {}, running=c["State"] == "running"))
+        return records
+
+    async def volume_sizes(self) -> dict[str, int]:
+        usage = await self._call(self.api.df)
+        return {v["Name"]: v.get("UsageData", {}).get("Size", -1) for v in usage.get("Volumes") or []}
+
+    async def labels(self, name: str) -> dict[str, str]:
+        info = await self._call(self.api.inspect_container, name)
+        return info["Config"].get("Labels") or {}
+
     async def remove(self, name: str) -> None:
         try:
+            volume = (await self.labels(name)).get(VOLUME_LABEL)
             await self._call(self.api.remove_container, name, force=True)
         except SandboxGone:
-            pass
-        try:
-            await self._call(self.api.remove_volume, workspace_volume(name), force=True)
-        except SandboxGone:
-            pass
+            return
+        if volume:
+            try:
+                await self._call(self.api.remove_volume, volume, force=True)
+            except SandboxGone:
+                pass
 
     async def state(self, name: str) -> SandboxState:
         info = await self._call(self.api.inspect_container, name)

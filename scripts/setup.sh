@@ -1,0 +1,362 @@
+#!/usr/bin/env bash
+# Prepare this machine to run and test mcp-codeexec. Idempotent; meant for
+# Debian 12, run as root (or a user with sudo).
+#
+#  1. apt-installs docker.io, runsc, debootstrap, python3-venv if missing;
+#  2. merges a "runsc" runtime into /etc/docker/daemon.json (runtimeArgs
+#     --network=none and --platform=$MCP_CODEEXEC_RUNSC_PLATFORM, default
+#     ptrace; an existing entry's platform is kept unless that variable is set);
+#  3. starts dockerd if it is not answering (systemd when it is PID 1, else
+#     in the background, log .cache/dockerd.log, pid in .cache/dockerd.pid)
+#     or reloads it (SIGHUP) if it does not list the runsc runtime;
+#  4. builds the sandbox image (sandbox/build.sh; MCP_CODEEXEC_IMAGE_SOURCE=
+#     auto|registry|no-registry picks its mode, default auto);
+#  5. creates .venv and installs the project with its test extra (again only
+#     when pyproject.toml changed).
+#
+# Quiet on success apart from a short summary on stdout; details in .cache/.
+# If MCP_CODEEXEC_DOCKERD_STARTED_FILE names a file, the pid of a dockerd that
+# this run started is written there (scripts/test.sh uses it to stop it).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CACHE="$ROOT/.cache"
+LOG="$CACHE/setup.log"
+DOCKERD_LOG="$CACHE/dockerd.log"
+DOCKERD_PIDFILE="$CACHE/dockerd.pid"
+DAEMON_JSON=/etc/docker/daemon.json
+PLATFORM_OVERRIDE="${MCP_CODEEXEC_RUNSC_PLATFORM:-}"
+PLATFORM="${PLATFORM_OVERRIDE:-ptrace}"
+IMAGE_SOURCE="${MCP_CODEEXEC_IMAGE_SOURCE:-auto}"
+DOCKERD_TIMEOUT=60
+
+mkdir -p "$CACHE"
+START=$SECONDS
+
+say() { printf 'setup: %s\n' "$*"; }
+die() {
+    printf 'setup: error: %s\n' "$*" >&2
+    exit 1
+}
+# Run a step with its output appended to the log; on failure show the tail.
+logged() { # DESCRIPTION CMD...
+    local what="$1"
+    shift
+    printf '\n===== %s %s\n' "$(date '+%F %T')" "$what" >>"$LOG"
+    local mark
+    mark=$(wc -l <"$LOG")
+    if ! "$@" >>"$LOG" 2>&1; then
+        printf 'setup: error: %s failed; last lines of %s:\n' "$what" "$LOG" >&2
+        show_tail "$LOG" "$mark"
+        exit 1
+    fi
+}
+show_tail() { # FILE LINE: the last lines of FILE written after line LINE
+    tail -n +"$(($2 + 1))" "$1" | tail -n 30 | sed -e 's/^/    /' >&2
+}
+
+SUDO=()
+if [[ "$(id -u)" -ne 0 ]]; then
+    command -v sudo >/dev/null || die "not root and sudo is not installed"
+    SUDO=(sudo)
+fi
+
+# One setup at a time (several MCP clients may start serve.sh together).
+exec 9>"$CACHE/setup.lock"
+flock 9
+
+# Look a command up in PATH and in the sbin directories (not in a user's PATH).
+find_cmd() {
+    local c="$1" d
+    if command -v "$c" >/dev/null 2>&1; then
+        command -v "$c"
+        return 0
+    fi
+    for d in /usr/local/sbin /usr/sbin /sbin; do
+        [[ -x "$d/$c" ]] && { echo "$d/$c"; return 0; }
+    done
+    return 1
+}
+
+# ------------------------------------------------------------ 1. packages
+# gVisor releases before 2024 reject statx(AT_NO_AUTOMOUNT), so coreutils'
+# ls and stat fail with EINVAL inside the sandbox. Bookworm's own runsc is
+# release 2022-12-19; bookworm-backports has 2024-07-29, which works. So on
+# bookworm, runsc comes from backports (MCP_CODEEXEC_RUNSC_BACKPORTS=0: don't).
+RUNSC_MIN_RELEASE=20240101
+USE_BACKPORTS="${MCP_CODEEXEC_RUNSC_BACKPORTS:-1}"
+CODENAME="$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")"
+BACKPORTS_SOURCES=/etc/apt/sources.list.d/mcp-codeexec-backports.sources
+notes=()
+
+apt_install() { # PACKAGE...
+    logged "apt-get install $*" "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q -o Dpkg::Use-Pty=0 "$@"
+}
+runsc_release() { "$1" --version 2>/dev/null | grep -oE '20[0-9]{6}' | head -n 1; }
+
+# Adds a $CODENAME-backports source (on the machine's own Debian mirror)
+# unless one is configured. Fails if no Debian mirror is configured.
+ensure_backports_source() {
+    local found mirror
+    found="$(python3 "$ROOT/sandbox/debian_sources.py" "$CODENAME" "$CODENAME-backports")"
+    grep -q "^$CODENAME-backports " <<<"$found" && return 0
+    mirror="$(awk -v s="$CODENAME" '$1 == s { print $2 }' <<<"$found")"
+    [[ -n "$mirror" ]] || return 1
+    printf 'Types: deb\nURIs: %s\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "$mirror" "$CODENAME" | "${SUDO[@]}" tee "$BACKPORTS_SOURCES" >/dev/null
+    notes+=("added $BACKPORTS_SOURCES")
+}
+
+apt_updated=0
+if ! command -v python3 >/dev/null; then
+    say "installing python3 (log: $LOG)"
+    logged "apt-get update" "${SUDO[@]}" apt-get update -q
+    apt_updated=1
+    apt_install python3 python3-venv
+    notes+=("installed python3 python3-venv")
+fi
+
+missing=()
+{ find_cmd dockerd && find_cmd docker; } >/dev/null || missing+=(docker.io)
+find_cmd debootstrap >/dev/null || missing+=(debootstrap)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+runsc_pkg=""
+runsc_fallback=""
+backports_ok=0
+if [[ "$USE_BACKPORTS" != 0 && "$CODENAME" == bookworm ]]; then
+    backports_ok=1
+fi
+if RUNSC="$(find_cmd runsc)"; then
+    rel="$(runsc_release "$RUNSC")"
+    if [[ -n "$rel" && "$rel" -lt "$RUNSC_MIN_RELEASE" ]]; then
+        if ((backports_ok)); then
+            runsc_pkg="runsc/$CODENAME-backports" # upgrade
+        else
+            notes+=("warning: runsc release $rel is older than 2024: ls and stat fail inside the sandbox")
+        fi
+    fi
+else
+    runsc_fallback=runsc
+    if ((backports_ok)); then
+        runsc_pkg="runsc/$CODENAME-backports"
+    else
+        runsc_pkg=runsc
+    fi
+fi
+if [[ "$runsc_pkg" == */* ]] && ! ensure_backports_source; then
+    notes+=("warning: no Debian mirror for $CODENAME in the apt sources; runsc not from backports")
+    runsc_pkg="$runsc_fallback"
+fi
+[[ -n "$runsc_pkg" ]] && missing+=("$runsc_pkg")
+
+if ((${#missing[@]})); then
+    say "installing ${missing[*]} (log: $LOG)"
+    if ((!apt_updated)) || [[ "$runsc_pkg" == */* ]]; then
+        logged "apt-get update" "${SUDO[@]}" apt-get update -q
+    fi
+    if [[ "$runsc_pkg" == */* ]] && ! (apt_install "${missing[@]}") 2>/dev/null; then
+        # Backports unusable: the distribution's runsc (if none is installed).
+        notes+=("warning: could not install $runsc_pkg; see $LOG")
+        retry=()
+        for p in "${missing[@]}"; do
+            [[ "$p" == "$runsc_pkg" ]] && p="$runsc_fallback"
+            [[ -n "$p" ]] && retry+=("$p")
+        done
+        missing=("${retry[@]}")
+        ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+    elif [[ "$runsc_pkg" != */* ]]; then
+        apt_install "${missing[@]}"
+    fi
+    summary_pkgs="installed ${missing[*]}"
+else
+    summary_pkgs="present"
+fi
+DOCKERD="$(find_cmd dockerd)" || die "dockerd not found after installing docker.io"
+RUNSC="$(find_cmd runsc)" || die "runsc not found after installing it"
+summary_pkgs+=" (runsc release $(runsc_release "$RUNSC" || true))"
+
+if [[ -n "${MCP_CODEEXEC_DOCKER:-}" ]]; then
+    read -r -a DOCKER_CMD <<<"$MCP_CODEEXEC_DOCKER"
+elif [[ -x /usr/bin/docker ]]; then
+    DOCKER_CMD=(/usr/bin/docker) # the distribution's client matches its daemon
+else
+    DOCKER_CMD=(docker)
+fi
+export MCP_CODEEXEC_DOCKER="${DOCKER_CMD[*]}" # same client for build.sh
+dk() { "${DOCKER_CMD[@]}" "$@"; }
+docker_ok() { dk version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+docker_has_runsc() {
+    # shellcheck disable=SC2016 # a Go template
+    dk info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null \
+        | tr ' ' '\n' | grep -qx runsc
+}
+
+# ------------------------------------------------------- 2. daemon.json
+# Prints "changed" or "unchanged". Never drops other settings; refuses to
+# touch a file that is not valid JSON.
+merge_daemon_json() {
+    "${SUDO[@]}" python3 - "$DAEMON_JSON" "$RUNSC" "$PLATFORM" "$PLATFORM_OVERRIDE" <<'PY'
+import json, os, shutil, sys, tempfile
+
+path, runsc, platform, override = sys.argv[1:5]
+try:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+except FileNotFoundError:
+    text = ""
+try:
+    cfg = json.loads(text) if text.strip() else {}
+except ValueError as e:
+    sys.exit(f"{path} is not valid JSON ({e}); fix it by hand")
+if not isinstance(cfg, dict):
+    sys.exit(f"{path} does not hold a JSON object; fix it by hand")
+before = json.dumps(cfg, sort_keys=True)
+
+runtimes = cfg.setdefault("runtimes", {})
+entry = runtimes.setdefault("runsc", {})
+if not (isinstance(entry.get("path"), str) and os.access(entry["path"], os.X_OK)):
+    entry["path"] = runsc
+args = [a for a in entry.get("runtimeArgs", []) if isinstance(a, str)]
+if "--network=none" not in args:
+    args.append("--network=none")
+has_platform = any(a.startswith("--platform=") for a in args)
+if override or not has_platform:
+    args = [a for a in args if not a.startswith("--platform=")]
+    args.append(f"--platform={platform}")
+entry["runtimeArgs"] = args
+
+if json.dumps(cfg, sort_keys=True) == before:
+    print("unchanged")
+    sys.exit(0)
+d = os.path.dirname(path)
+os.makedirs(d, exist_ok=True)
+backup = path + ".before-mcp-codeexec"
+if text.strip() and not os.path.exists(backup):
+    shutil.copy2(path, backup)  # the original, before our first change
+fd, tmp = tempfile.mkstemp(dir=d, prefix=".daemon.json.")
+with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(cfg, f, indent=2)
+    f.write("\n")
+os.chmod(tmp, 0o644)
+os.replace(tmp, path)
+print("changed")
+PY
+}
+command -v python3 >/dev/null || die "python3 not found"
+daemon_json_state="$(merge_daemon_json)" || die "could not update $DAEMON_JSON"
+summary_json="$daemon_json_state"
+
+# ------------------------------------------------------------- 3. dockerd
+systemd_is_init() { [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; }
+
+wait_for_docker() { # PID-or-empty
+    local deadline=$((SECONDS + DOCKERD_TIMEOUT))
+    until docker_ok; do
+        if [[ -n "${1:-}" && ! -d "/proc/$1" ]]; then
+            printf 'setup: error: dockerd exited; last lines of %s:\n' "$DOCKERD_LOG" >&2
+            show_tail "$DOCKERD_LOG" "$DOCKERD_LOG_MARK"
+            exit 1
+        fi
+        ((SECONDS < deadline)) || die "dockerd did not answer within ${DOCKERD_TIMEOUT}s (log: $DOCKERD_LOG)"
+        sleep 0.5
+    done
+}
+
+dockerd_pid() {
+    local p
+    p="$(cat /var/run/docker.pid 2>/dev/null || true)"
+    [[ -n "$p" && -d "/proc/$p" ]] && { echo "$p"; return 0; }
+    pidof dockerd 2>/dev/null | awk '{ print $1 }'
+}
+
+if docker_ok; then
+    summary_dockerd="running"
+elif [[ "$(id -u)" -ne 0 ]] && sudo -n "${DOCKER_CMD[@]}" version >/dev/null 2>&1; then
+    die "dockerd runs but $(id -un) may not use it: add the user to the docker group (or run as root)"
+elif systemd_is_init; then
+    logged "systemctl start docker" "${SUDO[@]}" systemctl start docker
+    wait_for_docker ""
+    summary_dockerd="started by systemd"
+else
+    # Own session, no inherited descriptors (not the lock, not the caller's
+    # stdout: serve.sh's stdout is an MCP stream).
+    printf '\n===== %s starting %s\n' "$(date '+%F %T')" "$DOCKERD" >>"$DOCKERD_LOG"
+    DOCKERD_LOG_MARK=$(wc -l <"$DOCKERD_LOG")
+    "${SUDO[@]}" setsid "$DOCKERD" </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
+    launcher=$!
+    wait_for_docker "$launcher"
+    pid="$(dockerd_pid)"
+    [[ -n "$pid" ]] || pid="$launcher"
+    echo "$pid" >"$DOCKERD_PIDFILE"
+    if [[ -n "${MCP_CODEEXEC_DOCKERD_STARTED_FILE:-}" ]]; then
+        echo "$pid" >"$MCP_CODEEXEC_DOCKERD_STARTED_FILE"
+    fi
+    summary_dockerd="started (pid $pid, log .cache/dockerd.log)"
+fi
+
+# A daemon that was already running reads daemon.json again on SIGHUP.
+if ! docker_has_runsc; then
+    if systemd_is_init; then
+        logged "systemctl reload docker" "${SUDO[@]}" systemctl reload docker
+    else
+        pid="$(dockerd_pid)"
+        [[ -n "$pid" ]] || die "cannot find dockerd's pid to reload it"
+        "${SUDO[@]}" kill -HUP "$pid"
+    fi
+    deadline=$((SECONDS + 20))
+    until docker_has_runsc; do
+        ((SECONDS < deadline)) || die "dockerd does not list the runsc runtime after a reload (see $DAEMON_JSON, $DOCKERD_LOG)"
+        sleep 0.5
+    done
+    summary_dockerd+=", reloaded"
+fi
+summary_dockerd+=", runtimes include runsc"
+
+# ---------------------------------------------------------- 4. the image
+# build.sh prints one line on stdout ("cached: ..." or "built: ...") and
+# progress only when it actually builds.
+summary_image="$("$ROOT/sandbox/build.sh" "--$IMAGE_SOURCE")" || die "building the sandbox image failed (log: $CACHE/build.log)"
+
+# ------------------------------------------------------------ 5. the venv
+VENV="$ROOT/.venv"
+STAMP="$CACHE/venv.stamp"
+if [[ ! -f pyproject.toml ]]; then
+    summary_venv="skipped: no pyproject.toml yet"
+else
+    if [[ -e "$VENV" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        rm -rf "$VENV" "$STAMP" # broken (e.g. its interpreter is gone)
+    fi
+    if [[ ! -e "$VENV" ]]; then
+        logged "python3 -m venv .venv" python3 -m venv "$VENV"
+        summary_venv="created .venv; "
+    else
+        summary_venv=""
+    fi
+    want="$(sha256sum pyproject.toml | cut -c1-64) $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])')"
+    installed() {
+        "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
+import importlib.metadata, tomllib
+with open("pyproject.toml", "rb") as f:
+    importlib.metadata.version(tomllib.load(f)["project"]["name"])
+PY
+    }
+    if [[ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]] || ! installed; then
+        say "installing the project into .venv (log: $CACHE/pip.log)"
+        LOG="$CACHE/pip.log" logged "pip install -e .[test]" \
+            "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[test]' 
+        echo "$want" >"$STAMP"
+        summary_venv+="installed .[test]"
+    else
+        summary_venv+="up to date"
+    fi
+fi
+
+say "packages: $summary_pkgs"
+for n in "${notes[@]}"; do say "$n"; done
+say "daemon.json: $summary_json"
+say "dockerd: $summary_dockerd"
+say "image: $summary_image"
+say "venv: $summary_venv"
+say "done in $((SECONDS - START))s"

@@ -1,0 +1,221 @@
+"""Containers as durable workspaces: creation, reuse by id, expiry, idle stop, warm pool.
+
+The engine is the only record. A container's name says who owns it and its id
+(`mcp-codeexec.<tenant>.<id>`); its labels say when it was created and when it expires; its
+workspace is a volume of its own. So a restarted server (even after kill -9) finds every
+container again by name, and nothing else needs storing.
+
+Warm-pool containers are created and started ahead of need under a pool name, and handed
+out by renaming them: the engine's rename is atomic, so no container is ever handed to two
+sessions, even by two server processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from mcp_codeexec.config import Settings
+from mcp_codeexec.deployment.base import BackendUnavailable, Deployment, NameTaken, SandboxGone
+from mcp_codeexec.sandbox import LABEL, ContainerExpired, ContainerInfo, Sandbox, iso, sandbox_spec
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mcp-codeexec."
+POOL_PREFIX = "mcp-codeexec-pool."
+_OWNER_LABEL = f"{LABEL}.pool-owner"
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_ID = re.compile(r"container_[A-Za-z0-9]{24}")
+
+
+class TooManyContainers(Exception):
+    """The server's cap on running containers is reached and none is idle."""
+
+
+def container_name(tenant: str, container_id: str) -> str:
+    return f"{PREFIX}{tenant}.{container_id}"
+
+
+def _process_identity(pid: int) -> str | None:
+    """pid plus its start time, so a reused pid does not pass for the old process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f"{pid}:{f.read().rsplit(b')', 1)[1].split()[19].decode()}"
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(owner: str) -> bool:
+    pid = owner.split(":", 1)[0]
+    return pid.isdigit() and _process_identity(int(pid)) == owner
+
+
+class ContainerManager:
+    def __init__(self, settings: Settings, deployment: Deployment, task_group: anyio.abc.TaskGroup) -> None:
+        self.settings = settings
+        self.deployment = deployment
+        self.task_group = task_group
+        self._open: dict[str, Sandbox] = {}  # by container name
+        self._pool: list[Sandbox] = []
+        self._pool_wanted = anyio.Event()
+        self._owner = _process_identity(os.getpid()) or str(os.getpid())
+        self._start_lock = anyio.Lock()
+
+    # --- lookup and creation -----------------------------------------------------------
+
+    async def open(self, tenant: str, container_id: str) -> Sandbox:
+        """The tenant's container with this id, or ContainerExpired. Another tenant's id is
+        indistinguishable from one that never existed."""
+        if not _ID.fullmatch(container_id):
+            raise ContainerExpired(f"no container {container_id!r}")
+        name = container_name(tenant, container_id)
+        sandbox = self._open.get(name)
+        if sandbox is None:
+            try:
+                labels = await self.deployment.labels(name)
+            except SandboxGone:
+                raise ContainerExpired(f"no container {container_id!r}") from None
+            sandbox = self._adopt(name, ContainerInfo.from_labels(container_id, labels))
+        if sandbox.info.expired:
+            self.task_group.start_soon(self._remove, sandbox)
+            raise ContainerExpired(f"container {container_id} expired at {iso(sandbox.info.expires_at)}")
+        return sandbox
+
+    async def new(self, tenant: str) -> Sandbox:
+        """A fresh container for the tenant: from the warm pool if one is ready."""
+        if not _TENANT.fullmatch(tenant):
+            raise ValueError(f"bad tenant name {tenant!r}")
+        while self._pool:
+            sandbox = self._pool.pop(0)
+            self._pool_wanted.set()
+            name = container_name(tenant, sandbox.info.id)
+            try:
+                await self.deployment.rename(sandbox.name, name)
+            except (SandboxGone, NameTaken):
+                continue  # lost (removed by hand, or claimed): try the next
+            self._open.pop(sandbox.name, None)
+            sandbox.name = name
+            self._open[name] = sandbox
+            return sandbox
+        self._pool_wanted.set()
+        info = ContainerInfo.new(timedelta(seconds=self.settings.lifetime))
+        name = container_name(tenant, info.id)
+        await self._create(name, info)
+        return self._adopt(name, info)
+
+    async def _create(self, name: str, info: ContainerInfo, extra_labels: dict[str, str] | None = None) -> None:
+        await self.deployment.create(sandbox_spec(self.settings, name, f"mcp-codeexec-ws.{info.id}", info, extra_labels))
+
+    def _adopt(self, name: str, info: ContainerInfo) -> Sandbox:
+        sandbox = Sandbox(self.settings, self.deployment, self.task_group, name, info, before_start=self._make_room)
+        self._open[name] = sandbox
+        return sandbox
+
+    async def _make_room(self, starting: Sandbox) -> None:
+        """Keep at most max_running containers running: stop the least recently used idle
+        one, or refuse if every one is busy."""
+        async with self._start_lock:
+            running = [s for s in self._open.values() if s.running and s is not starting and s not in self._pool]
+            if len(running) + len(self._pool) < self.settings.max_running:
+                return
+            idle = sorted((s for s in running if s.in_flight == 0), key=lambda s: s.last_used)
+            if not idle:
+                raise TooManyContainers(f"{len(running)} containers are running and busy (cap {self.settings.max_running})")
+            log.info("cap of %d running containers reached: stopping idle %s", self.settings.max_running, idle[0].info.id)
+            await idle[0].stop()
+
+    # --- background work ---------------------------------------------------------------
+
+    async def run_pool(self) -> None:
+        """Keep `pool_size` started containers (agent up) ready to hand out."""
+        while True:
+            while len(self._pool) < self.settings.pool_size:
+                info = ContainerInfo.new(timedelta(seconds=self.settings.lifetime))
+                name = f"{POOL_PREFIX}{info.id}"
+                try:
+                    await self._create(name, info, {_OWNER_LABEL: self._owner})
+                    sandbox = self._adopt(name, info)
+                    await sandbox.agent()
+                except (BackendUnavailable, ContainerExpired, OSError) as exc:
+                    log.warning("warm pool: cannot start a container: %s", exc)
+                    await anyio.sleep(30)
+                    continue
+                self._pool.append(sandbox)
+            self._pool_wanted = anyio.Event()
+            await self._pool_wanted.wait()
+
+    async def run_reaper(self) -> None:
+        while True:
+            try:
+                await self.reap()
+            except BackendUnavailable as exc:
+                log.warning("reaper: %s", exc)
+            await anyio.sleep(self.settings.reap_interval)
+
+    async def reap(self) -> None:
+        """Remove expired containers (and their workspaces) and orphaned pool containers;
+        stop containers idle for longer than idle_stop."""
+        now = datetime.now(timezone.utc)
+        for record in await self.deployment.list(PREFIX) + await self.deployment.list(POOL_PREFIX):
+            expires = record.labels.get(f"{LABEL}.expires_at")
+            owner = record.labels.get(_OWNER_LABEL)
+            orphan = record.name.startswith(POOL_PREFIX) and owner != self._owner and not (owner and _owner_alive(owner))
+            if orphan or (expires and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= now):
+                log.info("reaper: removing %s (%s)", record.name, "orphaned pool" if orphan else "expired")
+                sandbox = self._open.pop(record.name, None)
+                if sandbox is not None:
+                    await sandbox.detach()
+                await self.deployment.remove(record.name)
+        idle_for = self.settings.idle_stop
+        for sandbox in list(self._open.values()):
+            if sandbox.running and sandbox.in_flight == 0 and sandbox not in self._pool:
+                if time.monotonic() - sandbox.last_used > idle_for:
+                    log.info("stopping %s: idle for over %ds", sandbox.info.id, idle_for)
+                    await sandbox.stop()
+
+    async def _remove(self, sandbox: Sandbox) -> None:
+        self._open.pop(sandbox.name, None)
+        await sandbox.detach()
+        await self.deployment.remove(sandbox.name)
+
+    # --- listing and shutdown ----------------------------------------------------------
+
+    async def list(self, tenant: str) -> list[dict[str, Any]]:
+        prefix = f"{PREFIX}{tenant}."
+        records = await self.deployment.list(prefix)
+        sizes = await self.deployment.volume_sizes() if records else {}
+        listing = []
+        for record in records:
+            container_id = record.name[len(prefix) :]
+            try:
+                info = ContainerInfo.from_labels(container_id, record.labels)
+            except KeyError:
+                continue
+            listing.append(
+                {
+                    "id": info.id,
+                    "created_at": iso(info.created_at),
+                    "expires_at": iso(info.expires_at),
+                    "state": "expired" if info.expired else "running" if record.running else "stopped",
+                    "size_bytes": sizes.get(record.labels.get(f"{LABEL}.volume", ""), -1),
+                }
+            )
+        return sorted(listing, key=lambda c: c["created_at"])
+
+    async def shutdown(self) -> None:
+        """Detach from every container (they live on) and remove this process's pool."""
+        async with anyio.create_task_group() as tg:
+            for sandbox in self._pool:
+                tg.start_soon(self._remove, sandbox)
+            for sandbox in list(self._open.values()):
+                if sandbox not in self._pool:
+                    tg.start_soon(sandbox.detach)
+        self._pool.clear()
