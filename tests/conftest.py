@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import docker
@@ -18,6 +18,16 @@ from strict import validate_result
 
 IMAGE = os.environ.get("MCP_CODEEXEC_IMAGE", "mcp-codeexec-sandbox:latest")
 LABEL = "org.mcp-codeexec"
+TENANT = "pytest"  # the tests' containers live under their own tenant, removed at the end
+
+
+def remove_test_containers(api: docker.APIClient) -> None:
+    for prefix in (f"mcp-codeexec.{TENANT}.", "mcp-codeexec-pool."):
+        for c in api.containers(all=True, filters={"name": prefix}):
+            volume = (c.get("Labels") or {}).get(f"{LABEL}.volume")
+            api.remove_container(c["Id"], force=True)
+            if volume:
+                api.remove_volume(volume, force=True)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +36,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def engine() -> docker.APIClient:
+def engine() -> Iterator[docker.APIClient]:
     """The Docker Engine, with gVisor registered and the sandbox image built."""
     try:
         api = docker.APIClient(version="auto")
@@ -35,7 +45,9 @@ def engine() -> docker.APIClient:
         pytest.fail(f"Docker Engine is required for these tests and is not reachable: {exc}. Run scripts/setup.sh.")
     assert "runsc" in info.get("Runtimes", {}), "gVisor (runsc) is not registered with Docker; run scripts/setup.sh"
     api.inspect_image(IMAGE)
-    return api
+    remove_test_containers(api)
+    yield api
+    remove_test_containers(api)
 
 
 class Session:
@@ -53,7 +65,9 @@ class Session:
         assert json.loads(result.content[0].text) == structured
         assert result.is_error == structured["type"].endswith("_tool_result_error")
         container = (result.meta or {}).get("container")
-        if structured.get("error_code") != "invalid_tool_input" or container:  # bad input reaches no sandbox
+        # Every result names its container, except where none was reached (bad input, an id
+        # that names no live container).
+        if structured.get("error_code") not in ("invalid_tool_input", "container_expired") or container:
             assert container and set(container) == {"id", "expires_at"}
             self.last_meta = result.meta
         return structured
@@ -68,7 +82,7 @@ class Session:
 def server_params(*args: str) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_codeexec", "--image", IMAGE, *args],
+        args=["-m", "mcp_codeexec", "--image", IMAGE, "--tenant", TENANT, *args],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

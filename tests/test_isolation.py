@@ -9,7 +9,7 @@ pytestmark = pytest.mark.anyio
 
 def container_of(engine, sandbox) -> dict:
     cid = sandbox.last_meta["container"]["id"]
-    return engine.inspect_container(f"mcp-codeexec.default.{cid}")
+    return engine.inspect_container(f"mcp-codeexec.pytest.{cid}")
 
 
 async def test_only_loopback_inside_and_no_network_in_engine(sandbox, engine):

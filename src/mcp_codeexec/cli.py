@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
                     help=f"stdout/stderr cap per call and stream, head and tail kept (default {d.max_output_bytes})")
     ap.add_argument("--workdir", default=d.workdir, help=f"working directory inside the sandbox (default {d.workdir})")
     ap.add_argument("--tmp-size", default="512m", help="size of /tmp and $HOME tmpfs in the sandbox (default 512m)")
+    ap.add_argument("--tenant", default=d.tenant, help="owner name for this server's containers ([a-z0-9_-]; default 'default')")
     ap.add_argument("--container", metavar="ID", help="reuse this container (an id from a result's _meta) for the session")
     ap.add_argument("--lifetime", default="30d", help="containers expire this long after creation (default 30d; e.g. 1h, 90s)")
     ap.add_argument("--idle-stop", default="15m", help="stop a container after this long without calls; files stay (default 15m)")
@@ -59,6 +60,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_output_bytes=parse_size(args.max_output),
         workdir=args.workdir,
         tmp_bytes=parse_size(args.tmp_size),
+        tenant=args.tenant,
         container=args.container,
         lifetime=parse_duration(args.lifetime),
         idle_stop=parse_duration(args.idle_stop),

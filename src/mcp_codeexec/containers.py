@@ -68,6 +68,9 @@ class ContainerManager:
         self._pool_wanted = anyio.Event()
         self._owner = _process_identity(os.getpid()) or str(os.getpid())
         self._start_lock = anyio.Lock()
+        self._pool_scope = anyio.CancelScope()
+        self._pool_stopped = anyio.Event()
+        self._pool_started = False
 
     # --- lookup and creation -----------------------------------------------------------
 
@@ -136,21 +139,34 @@ class ContainerManager:
 
     async def run_pool(self) -> None:
         """Keep `pool_size` started containers (agent up) ready to hand out."""
-        while True:
-            while len(self._pool) < self.settings.pool_size:
-                info = ContainerInfo.new(timedelta(seconds=self.settings.lifetime))
-                name = f"{POOL_PREFIX}{info.id}"
-                try:
-                    await self._create(name, info, {_OWNER_LABEL: self._owner})
-                    sandbox = self._adopt(name, info)
-                    await sandbox.agent()
-                except (BackendUnavailable, ContainerExpired, OSError) as exc:
-                    log.warning("warm pool: cannot start a container: %s", exc)
-                    await anyio.sleep(30)
-                    continue
-                self._pool.append(sandbox)
-            self._pool_wanted = anyio.Event()
-            await self._pool_wanted.wait()
+        self._pool_started = True
+        with self._pool_scope:
+            try:
+                while True:
+                    while len(self._pool) < self.settings.pool_size:
+                        await self._fill_one()
+                    self._pool_wanted = anyio.Event()
+                    await self._pool_wanted.wait()
+            finally:
+                self._pool_stopped.set()
+
+    async def _fill_one(self) -> None:
+        info = ContainerInfo.new(timedelta(seconds=self.settings.lifetime))
+        name = f"{POOL_PREFIX}{info.id}"
+        try:
+            await self._create(name, info, {_OWNER_LABEL: self._owner})
+            sandbox = self._adopt(name, info)
+            await sandbox.agent()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):  # never leave a half-made container behind
+                self._open.pop(name, None)
+                await self.deployment.remove(name)
+            if not isinstance(exc, (BackendUnavailable, ContainerExpired, OSError)):
+                raise
+            log.warning("warm pool: cannot start a container: %s", exc)
+            await anyio.sleep(30)
+            return
+        self._pool.append(sandbox)
 
     async def run_reaper(self) -> None:
         while True:
@@ -174,6 +190,12 @@ class ContainerManager:
                 if sandbox is not None:
                     await sandbox.detach()
                 await self.deployment.remove(record.name)
+            elif record.running and not record.name.startswith(POOL_PREFIX):
+                mine = self._open.get(record.name)
+                if (mine is None or not mine.running) and await self.deployment.attached(record.name) == 0:
+                    # Running, but no server is attached (its server exited or was killed).
+                    log.info("reaper: stopping %s: no server uses it", record.name)
+                    await self.deployment.kill(record.name)
         idle_for = self.settings.idle_stop
         for sandbox in list(self._open.values()):
             if sandbox.running and sandbox.in_flight == 0 and sandbox not in self._pool:
@@ -211,11 +233,29 @@ class ContainerManager:
         return sorted(listing, key=lambda c: c["created_at"])
 
     async def shutdown(self) -> None:
-        """Detach from every container (they live on) and remove this process's pool."""
+        """Remove this process's pool; detach from every other container and stop those no
+        other server uses (their files stay; the next use restarts them)."""
+
+        async def release(sandbox: Sandbox) -> None:
+            was_running = sandbox.running
+            await sandbox.detach()
+            if not was_running:
+                return
+            try:
+                with anyio.move_on_after(2):  # our own agent takes a moment to see EOF and exit
+                    while await self.deployment.attached(sandbox.name):
+                        await anyio.sleep(0.1)
+                    await self.deployment.kill(sandbox.name)
+            except (SandboxGone, BackendUnavailable):
+                pass
+
+        self._pool_scope.cancel()
+        if self._pool_started:
+            await self._pool_stopped.wait()
         async with anyio.create_task_group() as tg:
             for sandbox in self._pool:
                 tg.start_soon(self._remove, sandbox)
             for sandbox in list(self._open.values()):
                 if sandbox not in self._pool:
-                    tg.start_soon(sandbox.detach)
+                    tg.start_soon(release, sandbox)
         self._pool.clear()

@@ -142,10 +142,10 @@ class Sandbox:
             if self.info.expired:
                 raise ContainerExpired(f"container {self.info.id} expired at {iso(self.info.expires_at)}")
             try:
+                if self.before_start is not None:
+                    await self.before_start(self)  # the running cap
                 state = await self.deployment.state(self.name)
                 if not state.running:
-                    if self.before_start is not None:
-                        await self.before_start(self)
                     await self.deployment.start(self.name)
             except SandboxGone:
                 raise ContainerExpired(f"container {self.info.id} no longer exists") from None
@@ -222,11 +222,13 @@ class Sandbox:
             state = await self.deployment.state(self.name)
         except SandboxGone:
             return "the sandbox's container disappeared"
-        if state.oom_killed or (not state.running and state.exit_code == 137):
+        if state.oom_killed:
             return (
                 f"the sandbox ran out of memory (limit {self.settings.memory_bytes >> 20} MiB) and was killed "
                 "with every process in it"
             )
+        if not state.running and state.exit_code == 137:
+            return "the sandbox was killed (SIGKILL) with every process in it"
         if not state.running:
             return f"the sandbox stopped ({state.status}, exit code {state.exit_code})"
         tail = agent.stream.stderr_tail.strip().splitlines()[-3:]

@@ -32,6 +32,8 @@ from mcp_codeexec.sessions import Sessions
 
 log = logging.getLogger(__name__)
 
+CONTAINERS_URI = "codeexec://containers"
+
 # How often a running command's partial output goes out as a progress notification.
 _PROGRESS_INTERVAL = 1.0
 _PROGRESS_TAIL = 2000
@@ -172,16 +174,30 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
                     name="system-prompt",
                     description="System prompt: how this sandbox differs from your other environments, and its facts",
                     mime_type="text/markdown",
-                )
+                ),
+                types.Resource(
+                    uri=CONTAINERS_URI,
+                    name="containers",
+                    description="Your containers: id, created_at, expires_at, state, size_bytes (JSON)",
+                    mime_type="application/json",
+                ),
             ]
         )
 
     async def read_resource(ctx: ServerRequestContext[AppState], params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
-        if str(params.uri) != PROMPT_URI:
+        state = ctx.lifespan_context
+        uri = str(params.uri)
+        if uri == PROMPT_URI:
+            mime, text = "text/markdown", prompt_text(state)
+        elif uri == CONTAINERS_URI:
+            try:
+                listing = await state.containers.list(state.sessions.tenant)
+            except BackendUnavailable as exc:
+                raise MCPError(code=types.INTERNAL_ERROR, message=f"sandbox backend unavailable: {exc}") from None
+            mime, text = "application/json", json.dumps({"containers": listing}, indent=2)
+        else:
             raise MCPError(code=types.INVALID_PARAMS, message=f"unknown resource {params.uri}")
-        return types.ReadResourceResult(
-            contents=[types.TextResourceContents(uri=PROMPT_URI, mime_type="text/markdown", text=prompt_text(ctx.lifespan_context))]
-        )
+        return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, mime_type=mime, text=text)])
 
     async def list_prompts(ctx: ServerRequestContext[AppState], params: Any) -> types.ListPromptsResult:
         return types.ListPromptsResult(

@@ -122,5 +122,9 @@ class Deployment(abc.ABC):
         """Raises SandboxGone if it does not exist."""
 
     @abc.abstractmethod
+    async def attached(self, name: str) -> int:
+        """How many agent streams (of any server process) are open into the sandbox."""
+
+    @abc.abstractmethod
     async def open_agent(self, name: str, argv: list[str], env: dict[str, str]) -> AgentStream:
         """Start `argv` inside the running sandbox with stdin/stdout attached."""

@@ -258,6 +258,19 @@ class DockerDeployment(Deployment):
             oom_killed=bool(s.get("OOMKilled")),
         )
 
+    async def attached(self, name: str) -> int:
+        def count() -> int:
+            ids = self.api.inspect_container(name).get("ExecIDs") or []
+            running = 0
+            for exec_id in ids:
+                try:
+                    running += bool(self.api.exec_inspect(exec_id).get("Running"))
+                except docker.errors.NotFound:
+                    pass
+            return running
+
+        return await self._call(count)
+
     async def open_agent(self, name: str, argv: list[str], env: dict[str, str]) -> AgentStream:
         try:
             status, body, _ = await _http(
