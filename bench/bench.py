@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +42,27 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def params(image: str) -> StdioServerParameters:
-    return StdioServerParameters(command=sys.executable, args=["-m", "mcp_codeexec", "--image", image, "--log-level", "WARNING"])
+def params(image: str, *flags: str) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_codeexec", "--image", image, "--tenant", "bench", "--log-level", "WARNING", *flags],
+    )
+
+
+def sandbox_memory_kib(container_name: str) -> int:
+    """PSS of the host processes that make up one gVisor sandbox (sentry, gofer)."""
+    full_id = docker.APIClient(version="auto").inspect_container(container_name)["Id"]
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if full_id.encode() not in f.read() or b"containerd-shim" in f.read():
+                    continue
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return total
 
 
 async def timed(fn, n: int) -> list[float]:
@@ -77,7 +96,7 @@ async def main(args: argparse.Namespace) -> None:
         rows.append(("text_editor_code_execution view via MCP (warm)", view))
 
         api = docker.APIClient(version="auto")
-        name = f"mcp-codeexec-{container}"
+        name = f"mcp-codeexec.bench.{container}"
 
         def docker_exec() -> list[float]:
             samples = []
@@ -88,14 +107,21 @@ async def main(args: argparse.Namespace) -> None:
             return samples
 
         rows.append(("alternative: one docker exec per call (SDK)", await anyio.to_thread.run_sync(docker_exec)))
+        await anyio.sleep(1)
+        idle_running_kib = sandbox_memory_kib(name)
 
-    first: list[float] = []
-    for _ in range(args.sessions):
-        t = time.perf_counter()
-        async with Client(params(args.image)) as client:
+    async def first_call(*flags: str, warm_up: float = 0.0) -> float:
+        """A new session's first call; with warm_up, the server gets that long to prepare."""
+        async with Client(params(args.image, *flags)) as client:
+            await anyio.sleep(warm_up)
+            t = time.perf_counter()
             await client.call_tool("bash_code_execution", {"command": "true"})
-            first.append(time.perf_counter() - t)
-    rows.append(("first call of a new session (server start + container)", first))
+            return time.perf_counter() - t
+
+    cold = [await first_call("--no-prepare") for _ in range(args.sessions)]
+    pooled = [await first_call("--no-prepare", "--pool", "1", warm_up=3.0) for _ in range(args.sessions)]
+    rows.append(("first call, new session, no pool (create + start)", cold))
+    rows.append(("first call, new session, warm pool (--pool 1)", pooled))
 
     floor_p50 = pct(floor, 0.5)
     print(f"\n{'path':58} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'p50/floor':>10}")
@@ -103,6 +129,18 @@ async def main(args: argparse.Namespace) -> None:
     for label, samples in rows:
         print(f"{label:58} {len(samples):5d} {pct(samples, 0.5):9.2f} {pct(samples, 0.99):9.2f} {pct(samples, 0.5) / floor_p50:9.2f}x")
     print(f"\nfloor p50 {floor_p50:.2f} ms; targets: warm bash <= 1.25x floor, editor view < 5 ms")
+    print(f"idle sandbox memory (PSS of its gVisor processes): running {idle_running_kib / 1024:.1f} MiB; "
+          "stopped 0 MiB (no process; only its workspace volume on disk)")
+    remove_bench_containers()
+
+
+def remove_bench_containers() -> None:
+    api = docker.APIClient(version="auto")
+    for c in api.containers(all=True, filters={"name": "mcp-codeexec.bench."}):
+        volume = (c.get("Labels") or {}).get("org.mcp-codeexec.volume")
+        api.remove_container(c["Id"], force=True)
+        if volume:
+            api.remove_volume(volume, force=True)
 
 
 if __name__ == "__main__":
