@@ -5,8 +5,15 @@
 #
 # Produces mcp-codeexec-sandbox:<hash> and points mcp-codeexec-sandbox:latest
 # at it. <hash> is the first 16 hex digits of a sha256 over the build inputs
-# (the files of sandbox/ that shape the image, this script, and the choice of
-# base image). If that tag already exists nothing is built ("cached").
+# (the files of sandbox/ that shape the image, this script, the wheel set that
+# pins.txt locks, and the choice of base image). If that tag already exists
+# nothing is built ("cached"), and nothing else is run either.
+#
+# The Python libraries are wheels installed on the host (sandbox/wheels.py,
+# with the host's pip, which needs only a package index: no registry, and no
+# CA certificates inside the build) into .cache/wheels/<key>/, where <key>
+# hashes pins.txt's locked section and wheels.py; the build copies that tree
+# into the image.
 #
 #   --registry     FROM the registry's debian:bookworm-slim
 #                  (override with MCP_CODEEXEC_BASE_IMAGE).
@@ -37,7 +44,10 @@ SUITE=bookworm
 VARIANT=minbase
 PULL_TIMEOUT="${MCP_CODEEXEC_PULL_TIMEOUT:-120}"
 # Files of sandbox/ that shape the image (besides this script).
-INPUT_FILES=(Dockerfile .dockerignore packages.txt manifest.py)
+# What the Docker build context holds (besides the wheel tree's site/ and bin/).
+CONTEXT_FILES=(Dockerfile packages.txt pins.txt manifest.py wrappers)
+INPUT_FILES=(Dockerfile packages.txt pins.txt manifest.py wheels.py)
+for f in "$HERE"/wrappers/*; do INPUT_FILES+=("wrappers/${f##*/}"); done
 
 mode=auto
 for arg in "$@"; do
@@ -107,8 +117,33 @@ image_hash() {
         done
         printf 'file build.sh '
         sha256sum <"${BASH_SOURCE[0]}"
+        printf 'wheels %s\n' "$WHEELS_KEY"
         printf 'base %s\n' "$1"
     } | short_sha
+}
+
+# ------------------------------------------------------------------ wheels
+
+command -v python3 >/dev/null || die "python3 is needed (scripts/setup.sh installs it)"
+WHEELS_KEY="$(python3 "$HERE/wheels.py" key)" || die "pins.txt has no locked wheels (python3 sandbox/wheels.py lock)"
+WHEELS_DIR="$CACHE/wheels/$WHEELS_KEY"
+
+# Installs the locked wheels into $WHEELS_DIR (site/, bin/) unless already there.
+prepare_wheels() {
+    if [[ -f "$WHEELS_DIR/DIGEST" ]]; then
+        say "wheels $WHEELS_KEY: cached"
+        return
+    fi
+    python3 -m pip --version >/dev/null 2>&1 \
+        || die "the host's python3 has no pip (apt-get install python3-pip, or run scripts/setup.sh)"
+    say "installing the Python libraries of pins.txt into $WHEELS_DIR (log: $LOG)"
+    mkdir -p "$CACHE/wheels"
+    log_section "wheels.py install $WHEELS_DIR"
+    python3 "$HERE/wheels.py" install "$WHEELS_DIR" "$CACHE/wheels/downloads" >>"$LOG" 2>&1 \
+        || fail_with_log "installing the wheels failed"
+    # Older installs are of no further use.
+    find "$CACHE/wheels" -mindepth 1 -maxdepth 1 -type d ! -name downloads ! -name "$WHEELS_KEY" \
+        -exec rm -rf {} + 2>/dev/null || true
 }
 
 # ------------------------------------------------- Debian sources of the host
@@ -251,19 +286,35 @@ build_image() { # BASE_REF HASH WHAT
     for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
         [[ -n "${!v:-}" ]] && proxy_args+=(--build-arg "$v")
     done
-    TMP_TAGS+=("$tmp")
-    log_section "docker build $tmp FROM $base_ref"
-    dk build --network=host --force-rm \
-        --build-arg "BASE=$base_ref" --build-arg "INPUTS_HASH=$hash" "${proxy_args[@]}" \
-        -t "$tmp" -f "$HERE/Dockerfile" "$HERE" >>"$LOG" 2>&1 \
+    local built="$IMAGE_REPO:tmp-built-$2-$$" manifest
+    TMP_TAGS+=("$built" "$tmp")
+    prepare_wheels
+    log_section "docker build $built FROM $base_ref"
+    # The context: sandbox's files and the wheel tree, as one tar stream.
+    tar -cf - -C "$HERE" "${CONTEXT_FILES[@]}" -C "$WHEELS_DIR" site bin \
+        | dk build --network=host --force-rm \
+            --build-arg "BASE=$base_ref" --build-arg "INPUTS_HASH=$hash" "${proxy_args[@]}" \
+            -t "$built" -f Dockerfile - >>"$LOG" 2>&1 \
         || fail_with_log "docker build failed"
     # Check the result before it replaces anything (no network inside).
-    log_section "checking $tmp"
-    dk run --rm --network=none --user 1000:1000 "$tmp" \
-        python3 -c 'import json; m = json.load(open("/etc/mcp-codeexec/manifest.json")); assert m["python"] and m["packages"]' \
-        >>"$LOG" 2>&1 || fail_with_log "the new image does not work"
+    log_section "checking $built"
+    manifest="$(dk run --rm --network=none --user 1000:1000 "$built" python3 -c '
+import json
+m = json.load(open("/etc/mcp-codeexec/manifest.json"))
+assert m["python"].startswith("3.11.") and m["libraries"] and m["tools"], m
+print(json.dumps(m, sort_keys=True, separators=(",", ":")))')" \
+        || fail_with_log "the new image does not work"
+    # The manifest also as a label: the server reads it with the image's metadata,
+    # without creating a container.
+    log_section "labelling $tmp"
+    printf 'FROM %s\nARG MANIFEST\nLABEL org.mcp-codeexec.manifest=$MANIFEST\n' "$built" \
+        | dk build --force-rm --build-arg "MANIFEST=$manifest" -t "$tmp" - >>"$LOG" 2>&1 \
+        || fail_with_log "labelling the image failed"
+    dk image rm "$built" >/dev/null 2>&1 || true
     [[ "$(dk image inspect --format '{{index .Config.Labels "org.mcp-codeexec.inputs-hash"}}' "$tmp")" == "$hash" ]] \
         || fail_with_log "the new image lacks its inputs-hash label"
+    [[ "$(dk image inspect --format '{{index .Config.Labels "org.mcp-codeexec.manifest"}}' "$tmp")" == "$manifest" ]] \
+        || fail_with_log "the new image lacks its manifest label"
     dk tag "$tmp" "$IMAGE_REPO:$hash"
     dk image rm "$tmp" >/dev/null 2>&1 || true
     point_latest_at "$hash"

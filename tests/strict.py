@@ -11,6 +11,7 @@ from typing import Any
 
 from anthropic.types.beta import (
     BetaBashCodeExecutionToolResultBlock,
+    BetaCodeExecutionToolResultBlock,
     BetaTextEditorCodeExecutionToolResultBlock,
 )
 from pydantic import BaseModel
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 EXTRA_CODES = {
     "bash_code_execution_tool_result_error": {"container_expired"},
     "text_editor_code_execution_tool_result_error": {"container_expired", "string_not_found"},
+    "code_execution_tool_result_error": {"container_expired"},
 }
 
 
@@ -41,14 +43,12 @@ def strict_validate(model_cls: type[BaseModel], data: dict[str, Any]) -> BaseMod
 
 def validate_result(tool: str, structured: dict[str, Any]) -> None:
     """Validate the MCP structuredContent (the inner result object) of `tool`."""
-    block = {
-        "bash_code_execution": BetaBashCodeExecutionToolResultBlock,
-        "text_editor_code_execution": BetaTextEditorCodeExecutionToolResultBlock,
+    block, block_type = {
+        "bash_code_execution": (BetaBashCodeExecutionToolResultBlock, "bash_code_execution_tool_result"),
+        "text_editor_code_execution": (BetaTextEditorCodeExecutionToolResultBlock, "text_editor_code_execution_tool_result"),
+        "code_execution": (BetaCodeExecutionToolResultBlock, "code_execution_tool_result"),
     }[tool]
-    kind = block.__name__.removeprefix("Beta").removesuffix("Block")
-    wrapped = {"type": {"BashCodeExecutionToolResult": "bash_code_execution_tool_result",
-                        "TextEditorCodeExecutionToolResult": "text_editor_code_execution_tool_result"}[kind],
-               "tool_use_id": "srvtoolu_test", "content": structured}
+    wrapped = {"type": block_type, "tool_use_id": "srvtoolu_test", "content": structured}
     if structured.get("error_code") in EXTRA_CODES.get(structured.get("type", ""), set()):
         # Same shape as a known code: swap in a code the SDK knows, validate, then check the rest.
         known = dict(structured, error_code="unavailable")

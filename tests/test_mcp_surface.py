@@ -27,7 +27,7 @@ async def test_tools_and_schemas(sandbox):
 
 async def test_system_prompt_resource_and_prompt(sandbox):
     resources = (await sandbox.client.list_resources()).resources
-    assert [str(r.uri) for r in resources] == ["codeexec://system-prompt", "codeexec://containers"]
+    assert [str(r.uri) for r in resources][:4] == ["codeexec://system-prompt", "codeexec://containers", "codeexec://usage", "codeexec://files"]
     text = (await sandbox.client.read_resource("codeexec://system-prompt")).contents[0].text
     for fact in ("do not carry", "/workspace", "5 seconds", "No network", "Python 3.11", "1 GiB", "gVisor"):
         assert fact in text, fact

@@ -10,7 +10,7 @@ import sys
 import anyio
 from mcp.server.stdio import stdio_server
 
-from mcp_codeexec import __version__
+from mcp_codeexec import __version__, wire
 from mcp_codeexec.config import Settings, parse_duration, parse_size
 
 log = logging.getLogger("mcp_codeexec")
@@ -18,7 +18,11 @@ log = logging.getLogger("mcp_codeexec")
 
 def parser() -> argparse.ArgumentParser:
     d = Settings()
-    ap = argparse.ArgumentParser(prog="mcp-codeexec", description="Claude's code execution tool as an MCP server, in gVisor sandboxes.")
+    ap = argparse.ArgumentParser(
+        prog="mcp-codeexec",
+        description="Claude's code execution tool as an MCP server, in gVisor sandboxes. "
+        "`mcp-codeexec doctor` checks this host (engine, runtime, image, disk quota).",
+    )
     ap.add_argument("--version", action="version", version=f"mcp-codeexec {__version__}")
     ap.add_argument("--runtime", default=d.runtime, help="OCI runtime for sandboxes (default runsc = gVisor). "
                     "Anything else needs --allow-weak-isolation.")
@@ -27,11 +31,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory", default="5g", help="memory per sandbox (default 5g)")
     ap.add_argument("--cpus", type=float, default=d.cpus, help=f"CPUs per sandbox (default {d.cpus:g})")
     ap.add_argument("--pids", type=int, default=d.pids_limit, help=f"process limit per sandbox (default {d.pids_limit})")
+    ap.add_argument("--disk", default="5g", help="workspace disk quota per sandbox, enforced with ENOSPC (default 5g; 0: none). "
+                    "Needs root, losetup and mkfs.ext4; without them the server warns and runs without a quota")
+    ap.add_argument("--quota-dir", default=d.quota_dir, help=f"where quota-backed workspaces' filesystems live (default {d.quota_dir})")
     ap.add_argument("--timeout", type=float, default=d.timeout, metavar="SECONDS", help=f"time limit per call (default {d.timeout:g})")
     ap.add_argument("--max-output", default=str(d.max_output_bytes), metavar="BYTES",
                     help=f"stdout/stderr cap per call and stream, head and tail kept (default {d.max_output_bytes})")
     ap.add_argument("--workdir", default=d.workdir, help=f"working directory inside the sandbox (default {d.workdir})")
     ap.add_argument("--tmp-size", default="512m", help="size of /tmp and $HOME tmpfs in the sandbox (default 512m)")
+    ap.add_argument("--profile", default=d.profile, choices=wire.PROFILES,
+                    help="the API tool version to mimic: 20250825 (bash + editor, default), 20260120 (+ persistent "
+                    "Python REPL tool code_execution), 20260521 (20260120 with a per-cell limit), 20250522 (legacy: "
+                    "one Python tool, fresh interpreter per call)")
+    ap.add_argument("--cell-timeout", type=float, default=d.cell_timeout, metavar="SECONDS",
+                    help=f"20260521: wall-clock limit per Python cell (default {d.cell_timeout:g})")
     ap.add_argument("--tenant", default=d.tenant, help="owner name for this server's containers ([a-z0-9_-]; default 'default')")
     ap.add_argument("--container", metavar="ID", help="reuse this container (an id from a result's _meta) for the session")
     ap.add_argument("--lifetime", default="30d", help="containers expire this long after creation (default 30d; e.g. 1h, 90s)")
@@ -39,6 +52,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-running", type=int, default=d.max_running, help=f"running containers per server (default {d.max_running})")
     ap.add_argument("--pool", type=int, default=d.pool_size, help="started containers kept ready for new sessions (default 0)")
     ap.add_argument("--no-prepare", action="store_true", help="do not start the session's container before its first call")
+    ap.add_argument("--upload", action="append", default=[], metavar="PATH[:ro]",
+                    help="copy a host file or directory into every new container at <workdir>/uploads/ (repeatable; :ro makes the copy read-only)")
+    ap.add_argument("--data-dir", default="", help="where output files are kept (default ~/.local/share/mcp-codeexec/files)")
+    ap.add_argument("--max-file-size", default="64m", help="largest output file registered (default 64m)")
+    ap.add_argument("--file-retention", default="", help="delete kept files after this long (default: keep until deleted)")
+    ap.add_argument("--transport", choices=["stdio", "http"], default="stdio",
+                    help="stdio (default), or http: Streamable HTTP at /mcp and SSE at /sse, plus the Files API")
+    ap.add_argument("--host", default=d.host, help="http: address to bind (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=d.port, help="http: port (default 8000)")
+    ap.add_argument("--tokens", default="", metavar="FILE", help="http: JSON file mapping hashed bearer tokens to tenants")
+    ap.add_argument("--max-upload", default="500m", help="http: largest file accepted by POST /v1/files (default 500m)")
+    ap.add_argument("--public-url", default="", help="http: the URL clients reach this server at (behind a proxy)")
+    ap.add_argument("--allowed-host", action="append", default=[], help="http: Host header to accept (repeatable)")
     ap.add_argument("--reap-interval", default="60s", help=argparse.SUPPRESS)
     ap.add_argument("--log-level", default="INFO", help="server log level, logs go to stderr (default INFO)")
     return ap
@@ -56,18 +82,33 @@ def settings_from(args: argparse.Namespace) -> Settings:
         memory_bytes=parse_size(args.memory),
         cpus=args.cpus,
         pids_limit=args.pids,
+        disk_bytes=parse_size(args.disk),
+        quota_dir=args.quota_dir,
         timeout=args.timeout,
         max_output_bytes=parse_size(args.max_output),
         workdir=args.workdir,
         tmp_bytes=parse_size(args.tmp_size),
+        profile=args.profile,
+        cell_timeout=args.cell_timeout,
         tenant=args.tenant,
         container=args.container,
         lifetime=parse_duration(args.lifetime),
         idle_stop=parse_duration(args.idle_stop),
         max_running=args.max_running,
         pool_size=args.pool,
-        prepare_session=not args.no_prepare,
+        prepare_session=not args.no_prepare and args.transport == "stdio",
         reap_interval=parse_duration(args.reap_interval),
+        uploads=tuple(args.upload),
+        transport=args.transport,
+        host=args.host,
+        port=args.port,
+        tokens_file=args.tokens,
+        max_upload_bytes=parse_size(args.max_upload),
+        public_url=args.public_url,
+        allowed_hosts=tuple(args.allowed_host),
+        data_dir=args.data_dir,
+        max_file_bytes=parse_size(args.max_file_size),
+        file_retention=parse_duration(args.file_retention) if args.file_retention else None,
     )
 
 
@@ -92,8 +133,20 @@ async def serve_stdio(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        from mcp_codeexec.doctor import main as doctor
+
+        raise SystemExit(doctor(argv[1:]))
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from(args)
     log.info("mcp-codeexec %s: runtime %s, image %s", __version__, settings.runtime, settings.image)
-    anyio.run(serve_stdio, settings)
+    if settings.transport == "http":
+        from mcp_codeexec.remote import serve_http
+
+        if not settings.tokens_file:
+            log.warning("no --tokens file: every HTTP caller is tenant %r, unauthenticated", settings.tenant)
+        anyio.run(serve_http, settings)
+    else:
+        anyio.run(serve_stdio, settings)

@@ -50,6 +50,8 @@ class Settings(BaseModel):
     workdir: str = "/workspace"
     tmp_bytes: int = 512 << 20
     lifetime: float = 30 * 86400.0  # seconds: a container expires this long after creation
+    profile: str = "20250825"  # the API tool version to mimic (wire.PROFILES)
+    cell_timeout: float = 90.0  # 20260521: wall-clock limit per Python cell
     tenant: str = "default"  # stdio's one tenant; HTTP maps tokens to tenants
     container: str | None = None  # stdio: reuse this container id for the session
     pool_size: int = 0  # started containers kept ready for new sessions
@@ -57,6 +59,21 @@ class Settings(BaseModel):
     max_running: int = Field(default=32, ge=1)  # running containers per server; idle ones are stopped past it
     idle_stop: float = 900.0  # seconds without a call before a container is stopped (files kept)
     reap_interval: float = 60.0
+    disk_bytes: int = Field(default=5 << 30, ge=0)  # workspace disk quota per sandbox; 0: none
+    quota_dir: str = "/var/lib/mcp-codeexec/workspaces"  # where quota-backed workspaces' filesystems live
+    data_dir: str = ""  # where files are kept on the host ("" = the XDG data directory)
+    max_file_bytes: int = 64 << 20  # an output file larger than this is not registered
+    max_output_files: int = 50  # output files registered per call
+    inline_image_bytes: int = 5 << 20  # images up to this size also come back inline
+    file_retention: float | None = None  # seconds; None keeps files until deleted
+    uploads: tuple[str, ...] = ()
+    tokens_file: str = ""  # remote: bearer tokens (hashed) -> tenants, limits (tenants.py)
+    transport: str = "stdio"  # stdio | http (Streamable HTTP and SSE)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""  # remote: the URL clients use (behind a proxy)
+    allowed_hosts: tuple[str, ...] = ()  # remote: Host headers accepted besides loopback
+    max_upload_bytes: int = 500 << 20  # stdio: host paths copied into every new container
     # Past timeout + this, the server stops waiting for the agent and restarts the sandbox.
     backstop_grace: float = 10.0
 

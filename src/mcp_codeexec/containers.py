@@ -208,6 +208,14 @@ class ContainerManager:
         await sandbox.detach()
         await self.deployment.remove(sandbox.name)
 
+    @property
+    def running_count(self) -> int:
+        return sum(1 for s in self._open.values() if s.running)
+
+    @property
+    def pool(self) -> list[Sandbox]:
+        return list(self._pool)
+
     # --- listing and shutdown ----------------------------------------------------------
 
     async def list(self, tenant: str) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ is restarted: its workspace lives on a volume, so files survive.
 
 from __future__ import annotations
 
+import base64
 import logging
 import secrets
 import string
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LABEL = "org.mcp-codeexec"
 _WATCH_INTERVAL = 2.0
+_TRANSFER_TIMEOUT = 60.0
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -128,6 +130,12 @@ class Sandbox:
         self._lock = anyio.Lock()  # guards (re)start of the container and the agent
 
     @property
+    def tenant(self) -> str:
+        """From the name, `mcp-codeexec.<tenant>.<id>` ("" for an unclaimed pool container)."""
+        parts = self.name.split(".")
+        return parts[1] if len(parts) == 3 and parts[0] == "mcp-codeexec" else ""
+
+    @property
     def running(self) -> bool:
         return self._agent is not None and not self._agent.closed.is_set()
 
@@ -216,6 +224,31 @@ class Sandbox:
             raise SandboxDied(reason)
         log.warning("sandbox %s: no answer within the backstop (%s); restarted it", self.info.id, reason)
         raise CallTimedOut()
+
+    async def read_file(self, path: str, max_bytes: int) -> bytes:
+        """A file's bytes, copied out in chunks (raises ValueError past max_bytes)."""
+        data = bytearray()
+        while True:
+            chunk = await self.request(p.ReadFile(path=path, offset=len(data)), _TRANSFER_TIMEOUT)
+            if isinstance(chunk, p.Failure):
+                raise FileNotFoundError(chunk.message)
+            if chunk.size > max_bytes:
+                raise ValueError(f"{path} is {chunk.size} bytes, over the {max_bytes}-byte limit")
+            piece = base64.b64decode(chunk.data)
+            data += piece
+            if not piece or len(data) >= chunk.size:
+                return bytes(data)
+
+    async def write_file(self, path: str, data: bytes, mode: int | None = None) -> None:
+        step = 4 << 20
+        for offset in range(0, max(len(data), 1), step):
+            final = offset + step >= len(data)
+            reply = await self.request(
+                p.WriteFile(path=path, data=base64.b64encode(data[offset : offset + step]).decode(), offset=offset, final=final, mode=mode),
+                _TRANSFER_TIMEOUT,
+            )
+            if isinstance(reply, p.Failure):
+                raise OSError(reply.message)
 
     async def _diagnose(self, agent: AgentClient, fallback: str) -> str:
         try:

@@ -6,11 +6,15 @@ leaves argument validation to us (tools.py answers `invalid_tool_input`).
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,14 +29,24 @@ from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import BackendUnavailable, Deployment
 from mcp_codeexec.deployment.docker import DockerDeployment
+from mcp_codeexec.deployment.quota import workspace_quota
+from mcp_codeexec.image import read_manifest
 from mcp_codeexec.sandbox import Sandbox
 from mcp_codeexec.prompt import PROMPT_NAME, PROMPT_URI, ImageFacts, system_prompt
 from mcp_codeexec.containers import ContainerManager
+from mcp_codeexec.files import FileStore, default_data_dir, upload_plan
 from mcp_codeexec.sessions import Sessions
+from mcp_codeexec.metrics import Metrics
+from mcp_codeexec.tenants import Limits, Usage, load_tenants
+from mcp_codeexec.files import UPLOADS_DIR
+from mcp.server.auth.middleware.auth_context import get_access_token
 
 log = logging.getLogger(__name__)
 
 CONTAINERS_URI = "codeexec://containers"
+FILES_URI = "codeexec://files"
+USAGE_URI = "codeexec://usage"
+_LISTED_FILES = 50  # newest files listed as resources; every one is readable by id
 
 # How often a running command's partial output goes out as a progress notification.
 _PROGRESS_INTERVAL = 1.0
@@ -45,12 +59,16 @@ class AppState:
     deployment: Deployment
     containers: ContainerManager
     sessions: Sessions
+    files: FileStore
+    limits: Limits
+    usage: Usage
+    metrics: Metrics
     isolation: str
     facts: ImageFacts
 
 
 def _tools(settings: Settings) -> list[types.Tool]:
-    return [
+    listed = [
         types.Tool(
             name=wire.BASH_TOOL,
             description=(
@@ -73,12 +91,88 @@ def _tools(settings: Settings) -> list[types.Tool]:
             output_schema=wire.EDITOR_OUTPUT_SCHEMA,
         ),
     ]
+    if settings.profile == "20250522":  # legacy: one Python-only tool, nothing else
+        return [_code_tool(settings, "Each call runs in a fresh Python interpreter: nothing carries over but files.")]
+    if settings.profile in ("20260120", "20260521"):
+        limit = (
+            f"Each cell may run for at most {settings.cell_timeout:g} s of wall-clock time; past that it is stopped "
+            "with a non-zero return_code and a detection_timeout notice, and the interpreter's state is reset."
+            if settings.profile == "20260521"
+            else f"Time limit {settings.timeout:g} s per cell."
+        )
+        listed.append(_code_tool(settings, "Cells run in one long-lived Python interpreter per container: variables, "
+                                          f"imports and functions carry over from cell to cell. {limit}"))
+    return listed
+
+
+def _code_tool(settings: Settings, semantics: str) -> types.Tool:
+    return types.Tool(
+        name=wire.CODE_TOOL,
+        description=(
+            f"Run Python 3 code in the code execution sandbox (no network), in {settings.workdir}, with files shared "
+            f"with the other tools. {semantics} Print what you want to see: only stdout and stderr come back."
+        ),
+        input_schema=wire.CODE_INPUT_SCHEMA,
+        output_schema=wire.CODE_OUTPUT_SCHEMA,
+    )
 
 
 def _session_key(ctx: ServerRequestContext[AppState]) -> str:
-    # stdio has no session id: the process is the session.
-    headers = getattr(ctx.request, "headers", None)
-    return (headers.get("mcp-session-id") if headers else None) or "stdio"
+    """stdio: the process is the session. HTTP: the transport's session (Mcp-Session-Id, or
+    the SSE connection); the stateless 2026-07-28 protocol has none, so its calls share the
+    tenant's default container unless they name one."""
+    request = ctx.request
+    headers = getattr(request, "headers", None)
+    if headers is None:
+        return "stdio"
+    return headers.get("mcp-session-id") or request.query_params.get("session_id") or "default"
+
+
+_TOOLS_BY_PROFILE = {
+    "20250825": {wire.BASH_TOOL: "bash", wire.EDITOR_TOOL: "editor"},
+    "20260120": {wire.BASH_TOOL: "bash", wire.EDITOR_TOOL: "editor", wire.CODE_TOOL: "python"},
+    "20260521": {wire.BASH_TOOL: "bash", wire.EDITOR_TOOL: "editor", wire.CODE_TOOL: "python"},
+    "20250522": {wire.CODE_TOOL: "python"},
+}
+
+
+async def _run_tool(
+    tool: str, ctx: ServerRequestContext[AppState], state: AppState, get_sandbox: Any, arguments: dict[str, Any]
+) -> tools.Outcome:
+    settings = state.settings
+    if tool == "editor":
+        return await tools.editor(get_sandbox, arguments)
+    run = tools.bash if tool == "bash" else tools.python
+    if not (ctx.meta and ctx.meta.get("progress_token") is not None):
+        return await run(settings, get_sandbox, arguments, store=state.files)
+    progress = _Progress(ctx)  # partial output while it runs (also a keep-alive)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(progress.run)
+        outcome = await run(settings, get_sandbox, arguments, progress.add, store=state.files)
+        tg.cancel_scope.cancel()
+    return outcome
+
+
+def _tenant(ctx: ServerRequestContext[AppState], settings: Settings) -> str:
+    """The caller's tenant: from the bearer token over HTTP, the configured one over stdio."""
+    token = get_access_token()
+    return token.client_id if token is not None else settings.tenant
+
+
+def _container_uploads(ctx: ServerRequestContext[AppState]) -> list[str]:
+    named = (ctx.meta or {}).get("container_upload") or []
+    return [f for f in ([named] if isinstance(named, str) else named) if isinstance(f, str)]
+
+
+async def put_file(state: AppState, tenant: str, sandbox: Sandbox, file_id: str, path: str | None = None) -> str:
+    """Copy a stored file into a container (default: <workdir>/uploads/<filename>); its path."""
+    meta = state.files.get(tenant, file_id)
+    data = state.files.read(tenant, file_id) if meta else None
+    if meta is None or data is None:
+        raise FileNotFoundError(f"no file {file_id!r}")
+    target = path or f"{state.settings.workdir}/{UPLOADS_DIR}/{meta.filename}"
+    await sandbox.write_file(target, data)
+    return target
 
 
 def _requested_container(ctx: ServerRequestContext[AppState]) -> str | None:
@@ -87,6 +181,25 @@ def _requested_container(ctx: ServerRequestContext[AppState]) -> str | None:
     if isinstance(named, dict):
         named = named.get("id")
     return named if isinstance(named, str) else None
+
+
+async def _prune_files(files: FileStore, interval: float) -> None:
+    while True:
+        await anyio.to_thread.run_sync(files.prune)
+        await anyio.sleep(interval)
+
+
+async def _image_facts(backend: Deployment, image: str) -> ImageFacts:
+    """The image's manifest (libraries and tools with versions) for the system prompt: from
+    the image's label, so no sandbox is started for it (image.py)."""
+    api = getattr(backend, "api", None)
+    if api is None:
+        return ImageFacts()
+    try:
+        return ImageFacts.from_manifest(await anyio.to_thread.run_sync(read_manifest, api, image))
+    except Exception as exc:  # noqa: BLE001 - the prompt then says "see the image manifest"
+        log.warning("no manifest for image %s (%s): the system prompt lists no versions", image, exc)
+        return ImageFacts()
 
 
 async def _prepare(sessions: Sessions) -> None:
@@ -108,10 +221,18 @@ def _result(outcome: BaseModel, meta: dict[str, Any]) -> types.CallToolResult:
     )
 
 
-def build_server(settings: Settings, deployment: Deployment | None = None) -> Server[AppState]:
+def build_server(
+    settings: Settings, deployment: Deployment | None = None, shared: list[AppState] | None = None
+) -> Server[AppState]:
+    shared = shared if shared is not None else []
     @asynccontextmanager
     async def lifespan(_server: Server[AppState]) -> AsyncIterator[AppState]:
-        backend = deployment or DockerDeployment(settings.runtime)
+        # Entered once per process: over HTTP the app enters it first, and the transports
+        # (streamable HTTP, SSE) enter it again for themselves and get the same state.
+        if shared:
+            yield shared[0]
+            return
+        backend = deployment or DockerDeployment(settings.runtime, quota=workspace_quota(settings.disk_bytes, settings.quota_dir))
         isolation = f"{settings.runtime} (not checked yet)"
         try:
             info = await backend.check(settings.image)
@@ -120,18 +241,33 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
         except BackendUnavailable as exc:
             # Keep serving: calls answer `unavailable` until the engine is back.
             log.error("sandbox backend unavailable: %s", exc)
+        facts = await _image_facts(backend, settings.image)
         if settings.runtime != "runsc":
             log.warning("runtime %r: sandboxes share the host kernel; use runsc (gVisor) for real isolation", settings.runtime)
         async with anyio.create_task_group() as task_group:
             containers = ContainerManager(settings, backend, task_group)
-            sessions = Sessions(containers, settings.tenant, settings.container)
+            sessions = Sessions(containers, settings.tenant, settings.container, upload_plan(settings.uploads, settings.workdir))
+            data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+            files = FileStore(data_dir / "files", settings.file_retention)
+            policies = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else {}
+            metrics = Metrics()
+            metrics.gauges["running_containers"] = lambda: containers.running_count
+            metrics.gauges["pool_size"] = lambda: len(containers.pool)
             task_group.start_soon(containers.run_reaper)
             task_group.start_soon(containers.run_pool)
             if settings.prepare_session:
                 task_group.start_soon(_prepare, sessions)
+            if settings.file_retention is not None:
+                task_group.start_soon(_prune_files, files, settings.reap_interval)
+            state = AppState(
+                settings, backend, containers, sessions, files, Limits(policies), Usage(data_dir / "usage.json"),
+                metrics, isolation, facts,
+            )
+            shared.append(state)
             try:
-                yield AppState(settings, backend, containers, sessions, isolation, ImageFacts())
+                yield state
             finally:
+                shared.clear()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(20):
                     await containers.shutdown()
                 task_group.cancel_scope.cancel()
@@ -141,27 +277,43 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
 
     async def call_tool(ctx: ServerRequestContext[AppState], params: types.CallToolRequestParams) -> types.CallToolResult:
         state = ctx.lifespan_context
+        tenant = _tenant(ctx, settings)
         session, requested = _session_key(ctx), _requested_container(ctx)
+        uploads = _container_uploads(ctx)
 
         async def get_sandbox() -> Sandbox:
-            return await state.sessions.sandbox(session, requested)
+            sandbox = await state.sessions.sandbox(session, requested, tenant)
+            for file_id in uploads:  # the API's container_upload: files put in before the call
+                await put_file(state, tenant, sandbox, file_id)
+            uploads.clear()
+            return sandbox
 
-        arguments = params.arguments or {}
-        if params.name == wire.BASH_TOOL:
-            progress = _Progress(ctx) if ctx.meta and ctx.meta.get("progress_token") is not None else None
-            if progress is None:
-                outcome = await tools.bash(settings, get_sandbox, arguments)
-            else:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(progress.run)
-                    outcome = await tools.bash(settings, get_sandbox, arguments, progress.add)
-                    tg.cancel_scope.cancel()
-        elif params.name == wire.EDITOR_TOOL:
-            outcome = await tools.editor(get_sandbox, arguments)
-        else:
+        tool = _TOOLS_BY_PROFILE[settings.profile].get(params.name)
+        if tool is None:
             raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}")
+        refusal = state.limits.acquire(tenant)
+        if refusal is not None:
+            log.info("tenant %s: too many requests: %s", tenant, refusal)
+            return _result(tools.error(params.name, "too_many_requests", refusal), {})
+        started = time.monotonic()
+        try:
+            outcome = await _run_tool(tool, ctx, state, get_sandbox, params.arguments or {})
+        finally:
+            state.limits.release(tenant)
+        elapsed = time.monotonic() - started
+        container_id = outcome.sandbox.info.id if outcome.sandbox is not None else None
+        state.usage.record(tenant, container_id, elapsed)
+        state.metrics.observe(params.name, outcome.result, elapsed)
+        log.info("call %s tenant=%s tool=%s container=%s outcome=%s %.1f ms", ctx.request_id, tenant, params.name,
+                 container_id, getattr(outcome.result, "error_code", "ok"), elapsed * 1000)
         meta = {"container": outcome.sandbox.info.meta()} if outcome.sandbox is not None else {}
-        return _result(outcome.result, meta)
+        result = _result(outcome.result, meta)
+        for file in outcome.files:  # show the charts the model made, inline
+            if file.is_image and file.size_bytes <= settings.inline_image_bytes:
+                data = state.files.read(file.tenant, file.id)
+                if data is not None:
+                    result.content.append(types.ImageContent(data=base64.b64encode(data).decode(), mime_type=file.mime_type))
+        return result
 
     def prompt_text(state: AppState) -> str:
         return system_prompt(state.settings, state.isolation, state.facts)
@@ -181,6 +333,33 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
                     description="Your containers: id, created_at, expires_at, state, size_bytes (JSON)",
                     mime_type="application/json",
                 ),
+                types.Resource(
+                    uri=USAGE_URI,
+                    name="usage",
+                    description="Your metering: code execution requests, execution time per container (JSON)",
+                    mime_type="application/json",
+                ),
+                types.Resource(
+                    uri=FILES_URI,
+                    name="files",
+                    description="Your files (outputs of commands): id, filename, size, MIME type, created, container (JSON)",
+                    mime_type="application/json",
+                ),
+            ]
+            + [
+                types.Resource(uri=f"{FILES_URI}/{f.id}", name=f.filename, mime_type=f.mime_type, size=f.size_bytes)
+                for f in ctx.lifespan_context.files.list(_tenant(ctx, settings))[:_LISTED_FILES]
+            ]
+        )
+
+    async def list_resource_templates(ctx: ServerRequestContext[AppState], params: Any) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(
+            resource_templates=[
+                types.ResourceTemplate(
+                    uri_template=f"{FILES_URI}/{{file_id}}",
+                    name="file",
+                    description="A file by its id (the file_id of a bash_code_execution_output)",
+                )
             ]
         )
 
@@ -189,9 +368,23 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
         uri = str(params.uri)
         if uri == PROMPT_URI:
             mime, text = "text/markdown", prompt_text(state)
+        elif uri == USAGE_URI:
+            mime, text = "application/json", json.dumps(state.usage.report(_tenant(ctx, settings)), indent=2)
+        elif uri == FILES_URI:
+            listing = [dataclasses.asdict(f) for f in state.files.list(_tenant(ctx, settings))]
+            mime, text = "application/json", json.dumps({"files": listing}, indent=2)
+        elif uri.startswith(FILES_URI + "/"):
+            file_id = uri[len(FILES_URI) + 1 :]
+            meta = state.files.get(_tenant(ctx, settings), file_id)
+            data = state.files.read(_tenant(ctx, settings), file_id) if meta else None
+            if meta is None or data is None:
+                raise MCPError(code=types.INVALID_PARAMS, message=f"no file {file_id!r}")
+            return types.ReadResourceResult(
+                contents=[types.BlobResourceContents(uri=uri, mime_type=meta.mime_type, blob=base64.b64encode(data).decode())]
+            )
         elif uri == CONTAINERS_URI:
             try:
-                listing = await state.containers.list(state.sessions.tenant)
+                listing = await state.containers.list(_tenant(ctx, settings))
             except BackendUnavailable as exc:
                 raise MCPError(code=types.INTERNAL_ERROR, message=f"sandbox backend unavailable: {exc}") from None
             mime, text = "application/json", json.dumps({"containers": listing}, indent=2)
@@ -222,6 +415,7 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> Se
         on_call_tool=call_tool,
         on_list_resources=list_resources,
         on_read_resource=read_resource,
+        on_list_resource_templates=list_resource_templates,
         on_list_prompts=list_prompts,
         on_get_prompt=get_prompt,
     )

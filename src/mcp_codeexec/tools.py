@@ -16,6 +16,7 @@ from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
 from mcp_codeexec.containers import TooManyContainers
 from mcp_codeexec.deployment.base import BackendUnavailable
+from mcp_codeexec.files import FileMeta, FileStore
 from mcp_codeexec.sandbox import CallTimedOut, ContainerExpired, Sandbox, SandboxDied
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,34 @@ SandboxGetter = Callable[[], Awaitable[Sandbox]]
 
 
 class Outcome:
-    """A tool's result object and the sandbox that produced it (None if none was reached)."""
+    """A tool's result object, the sandbox that produced it (None if none was reached), and
+    the output files it registered."""
 
-    def __init__(self, result: BaseModel, sandbox: Sandbox | None) -> None:
+    def __init__(self, result: BaseModel, sandbox: Sandbox | None, files: list[FileMeta] | None = None) -> None:
         self.result = result
         self.sandbox = sandbox
+        self.files = files or []
+
+
+async def register_outputs(
+    settings: Settings, store: FileStore, sandbox: Sandbox, written: list[list[Any]]
+) -> tuple[list[FileMeta], list[str]]:
+    """Copy the files a command wrote out of the sandbox into the store; (files, notes for
+    the model about what was left out)."""
+    files, notes = [], []
+    for path, size in written[: settings.max_output_files]:
+        if size > settings.max_file_bytes:
+            notes.append(f"{path} ({size} bytes) is over the {settings.max_file_bytes}-byte output-file limit: not registered")
+            continue
+        try:
+            data = await sandbox.read_file(path, settings.max_file_bytes)
+        except (FileNotFoundError, ValueError) as exc:
+            notes.append(f"{path}: not registered ({exc})")
+            continue
+        files.append(store.add(sandbox.tenant, path.rsplit("/", 1)[-1], data, sandbox.info.id, path))
+    if len(written) > settings.max_output_files:
+        notes.append(f"{len(written) - settings.max_output_files} more files were written; only the first {settings.max_output_files} were registered")
+    return files, notes
 
 
 async def _run(get_sandbox: SandboxGetter, request: p.Request, limit: float, on_output: Any = None) -> tuple[Any, Sandbox | None, str]:
@@ -54,17 +78,75 @@ async def _run(get_sandbox: SandboxGetter, request: p.Request, limit: float, on_
         return exc.reason, sandbox, "died"
 
 
+def error(tool: str, code: str, message: str) -> BaseModel:
+    """The error object of `tool` (only the editor's carries a message)."""
+    if tool == wire.EDITOR_TOOL:
+        return wire.EditorError(error_code=code, error_message=message)  # type: ignore[arg-type]
+    if tool == wire.CODE_TOOL:
+        return wire.CodeError(error_code=code)  # type: ignore[arg-type]
+    return wire.BashError(error_code=code)  # type: ignore[arg-type]
+
+
+def _encodable(text: str) -> bool:
+    """False for NUL bytes and lone surrogates (neither can reach a process as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+async def _command(
+    settings: Settings,
+    get_sandbox: SandboxGetter,
+    request: p.Exec | p.Repl,
+    limit: float,
+    kind: tuple[type[Any], type[Any], type[Any]],
+    on_output: Callable[[p.Output], None] | None,
+    store: FileStore | None,
+) -> Outcome:
+    """Run a command (bash) or a cell (Python) and shape the API's result: `kind` is
+    (result, output entry, error) of the tool's wire types."""
+    result_cls, output_cls, error_cls = kind
+    reply, sandbox, code = await _run(get_sandbox, request, limit, on_output)
+    if code == "died":
+        # Not an API error code: the process tree is gone, as after a kill -9. Say what
+        # happened where the model reads it.
+        stderr = f"[mcp-codeexec] {reply}. The sandbox was restarted; files in the workspace are intact.\n"
+        return Outcome(result_cls(stdout="", stderr=stderr, return_code=137), sandbox)
+    if code:
+        return Outcome(error_cls(error_code=code), sandbox)
+    if isinstance(reply, p.Failure):
+        log.warning("agent failure: %s", reply)
+        return Outcome(error_cls(error_code="unavailable"), sandbox)
+    if reply.timed_out:
+        return Outcome(error_cls(error_code="execution_time_exceeded"), sandbox)
+    files: list[FileMeta] = []
+    stderr = reply.stderr
+    if store is not None and reply.files and sandbox is not None:
+        files, notes = await register_outputs(settings, store, sandbox, reply.files)
+        stderr += "".join(f"[mcp-codeexec] {note}\n" for note in notes)
+    result = result_cls(
+        stdout=reply.stdout,
+        stderr=stderr,
+        return_code=reply.return_code,
+        content=[output_cls(file_id=f.id) for f in files],
+    )
+    return Outcome(result, sandbox, files)
+
+
 async def bash(
     settings: Settings,
     get_sandbox: SandboxGetter,
     arguments: dict[str, Any],
     on_output: Callable[[p.Output], None] | None = None,
+    store: FileStore | None = None,
 ) -> Outcome:
     try:
         args = wire.BashInput.model_validate(arguments)
     except ValidationError:
         return Outcome(wire.BashError(error_code="invalid_tool_input"), None)
-    if "\x00" in args.command:
+    if not _encodable(args.command):
         return Outcome(wire.BashError(error_code="invalid_tool_input"), None)
     request = p.Exec(
         command=args.command,
@@ -73,26 +155,39 @@ async def bash(
         max_output=settings.max_output_bytes,
         stream=on_output is not None,
     )
-    reply, sandbox, code = await _run(get_sandbox, request, settings.timeout, on_output)
-    if code == "died":
-        # Not an API error code: the command's process tree is gone, as after a kill -9.
-        # Say what happened where the model reads it.
-        return Outcome(
-            wire.BashResult(
-                stdout="",
-                stderr=f"[mcp-codeexec] {reply}. The sandbox was restarted; files in the workspace are intact.\n",
-                return_code=137,
-            ),
-            sandbox,
-        )
-    if code:
-        return Outcome(wire.BashError(error_code=code), sandbox)  # type: ignore[arg-type]
-    if isinstance(reply, p.Failure):
-        log.warning("bash: agent failure: %s", reply)
-        return Outcome(wire.BashError(error_code="unavailable"), sandbox)
-    if reply.timed_out:
-        return Outcome(wire.BashError(error_code="execution_time_exceeded"), sandbox)
-    return Outcome(wire.BashResult(stdout=reply.stdout, stderr=reply.stderr, return_code=reply.return_code), sandbox)
+    kind = (wire.BashResult, wire.BashOutput, wire.BashError)
+    return await _command(settings, get_sandbox, request, settings.timeout, kind, on_output, store)
+
+
+async def python(
+    settings: Settings,
+    get_sandbox: SandboxGetter,
+    arguments: dict[str, Any],
+    on_output: Callable[[p.Output], None] | None = None,
+    store: FileStore | None = None,
+) -> Outcome:
+    """`code_execution`: a cell of the container's persistent interpreter (20260120+), or
+    a fresh interpreter per call (20250522: the cell runs, then the interpreter is reset)."""
+    try:
+        args = wire.CodeInput.model_validate(arguments)
+    except ValidationError:
+        return Outcome(wire.CodeError(error_code="invalid_tool_input"), None)
+    if not _encodable(args.code):
+        return Outcome(wire.CodeError(error_code="invalid_tool_input"), None)
+    limit = settings.cell_timeout if settings.profile == "20260521" else settings.timeout
+    request = p.Repl(
+        code=args.code,
+        timeout=limit,
+        max_output=settings.max_output_bytes,
+        timeout_is_result=settings.profile == "20260521",
+        stream=on_output is not None,
+        cwd=settings.workdir,
+    )
+    kind = (wire.CodeResult, wire.CodeOutput, wire.CodeError)
+    outcome = await _command(settings, get_sandbox, request, limit, kind, on_output, store)
+    if settings.profile == "20250522" and outcome.sandbox is not None:
+        await _run(get_sandbox, p.ReplReset(), _EDITOR_TIMEOUT)  # no state carries over
+    return outcome
 
 
 def _editor_error(code: str, message: str) -> wire.EditorError:

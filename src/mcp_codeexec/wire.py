@@ -13,12 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 BASH_TOOL = "bash_code_execution"
 EDITOR_TOOL = "text_editor_code_execution"
+CODE_TOOL = "code_execution"  # Python: the whole tool in 20250522, the REPL in 20260120+
+
+PROFILES = ("20250825", "20260120", "20260521", "20250522")
 
 # The SDK's enums plus `container_expired` (and `string_not_found` for the editor), which the
 # API documents in its error table but the SDK enums do not list yet.
 BashErrorCode = Literal[
     "invalid_tool_input", "unavailable", "too_many_requests", "execution_time_exceeded",
     "container_expired", "output_file_too_large",
+]
+CodeErrorCode = Literal[
+    "invalid_tool_input", "unavailable", "too_many_requests", "execution_time_exceeded", "container_expired",
 ]
 EditorErrorCode = Literal[
     "invalid_tool_input", "unavailable", "too_many_requests", "execution_time_exceeded",
@@ -42,6 +48,10 @@ class _Input(BaseModel):
 
 class BashInput(_Input):
     command: str
+
+
+class CodeInput(_Input):
+    code: str
 
 
 class ViewInput(_Input):
@@ -70,6 +80,12 @@ BASH_INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"command": {"type": "string", "description": "The bash command to run."}},
     "required": ["command"],
+}
+
+CODE_INPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"code": {"type": "string", "description": "Python source to run."}},
+    "required": ["code"],
 }
 
 # Flat rather than the docs' root `oneOf`: the Claude API (behind Claude Desktop and Claude
@@ -145,7 +161,26 @@ class EditorError(_Wire):
     error_message: str | None = None
 
 
+class CodeOutput(_Wire):
+    type: Literal["code_execution_output"] = "code_execution_output"
+    file_id: str
+
+
+class CodeResult(_Wire):
+    type: Literal["code_execution_result"] = "code_execution_result"
+    stdout: str
+    stderr: str
+    return_code: int
+    content: list[CodeOutput] = Field(default_factory=list)
+
+
+class CodeError(_Wire):
+    type: Literal["code_execution_tool_result_error"] = "code_execution_tool_result_error"
+    error_code: CodeErrorCode
+
+
 BashOutcome = Union[BashResult, BashError]
+CodeOutcome = Union[CodeResult, CodeError]
 EditorOutcome = Union[ViewResult, CreateResult, StrReplaceResult, EditorError]
 editor_result = TypeAdapter(Union[ViewResult, CreateResult, StrReplaceResult])
 
@@ -167,4 +202,5 @@ def _output_schema(outcome: Any) -> dict[str, Any]:
 
 
 BASH_OUTPUT_SCHEMA = _output_schema(BashOutcome)
+CODE_OUTPUT_SCHEMA = _output_schema(CodeOutcome)
 EDITOR_OUTPUT_SCHEMA = _output_schema(EditorOutcome)

@@ -8,10 +8,12 @@ costs a spawn of `bash` and nothing else: no `docker exec` per call.
 from __future__ import annotations
 
 import asyncio
+import base64
 import codecs
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -19,6 +21,8 @@ from typing import Any
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.editor import Editor, EditorError
+from mcp_codeexec.agent.repl import Repl
+from mcp_codeexec.agent.watch import Watcher
 
 # After the shell exits, how long to keep reading pipes that background children still
 # hold open before returning (their later output is dropped).
@@ -64,7 +68,8 @@ class CappedBuffer:
 
 
 def _proc_table() -> list[tuple[int, int, int]]:
-    """(pid, ppid, session) of every visible process. os.listdir works on gVisor's /proc."""
+    """(pid, ppid, session) of every live process (zombies left out: they cannot be killed
+    and are already dying). os.listdir works on gVisor's /proc."""
     table = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -76,45 +81,82 @@ def _proc_table() -> list[tuple[int, int, int]]:
             continue
         # The command name may contain spaces and parens: split after its last ')'.
         fields = stat[stat.rfind(b")") + 2 :].split()
-        table.append((int(name), int(fields[1]), int(fields[3])))
+        if fields[0] != b"Z":
+            table.append((int(name), int(fields[1]), int(fields[3])))
     return table
 
 
 def kill_tree(root: int) -> None:
-    """SIGKILL the shell's session and every descendant, a few rounds to catch forks."""
+    """Kill the shell's session and every descendant (also those that left the session).
+    Each round stops them all before killing, so a fork bomb cannot outrun it; rounds go on
+    until nothing is left, for up to 5 seconds."""
     me = os.getpid()
-    for _ in range(5):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:  # the shell's process group, in one atomic step (what a fork bomb stays in)
+            os.killpg(root, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         table = _proc_table()
         doomed = {pid for pid, _, sid in table if sid == root}
         doomed.add(root)
         children: dict[int, list[int]] = {}
         for pid, ppid, _ in table:
             children.setdefault(ppid, []).append(pid)
-        stack = [root]
+        stack = list(doomed)
         while stack:
             for child in children.get(stack.pop(), []):
                 if child not in doomed:
                     doomed.add(child)
                     stack.append(child)
-        doomed.discard(me)
-        doomed.discard(1)
-        alive = 0
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                alive += 1
-            except ProcessLookupError:
-                pass
+        doomed -= {me, 1}
+        alive = doomed & {pid for pid, _, _ in table}
         if not alive:
             return
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.01)
+    kill_all_but_agent()  # still not done after 5 s
+
+
+def kill_all_but_agent() -> None:
+    """Stop, then kill, every process in the sandbox but PID 1 and the agent, until none is
+    left (a few rounds: what runs may fork meanwhile)."""
+    spared = {1, os.getpid(), os.getppid()}  # the exec'd agent may sit under a helper process
+    for _ in range(20):
+        doomed = [pid for pid, _, _ in _proc_table() if pid not in spared]
+        if not doomed:
+            return
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in doomed:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        time.sleep(0.02)
 
 
 class Agent:
+    # For Repl, which cannot import this module (this one imports it).
+    capped = CappedBuffer
+    kill_tree = staticmethod(kill_tree)
+
     def __init__(self, out_fd: int) -> None:
         self.out_fd = out_fd
         self.editor = Editor(root=os.environ.get("MCP_CODEEXEC_ROOT", "/"), workdir=os.getcwd())
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.children: dict[int, tuple[subprocess.Popen[bytes], asyncio.Future[int]]] = {}
+        self.repl = Repl(self)  # the persistent Python interpreter, started on first use
+        self.events: list[str] = []  # files written, in order; events_base counts dropped ones
+        self.events_base = 0
+        try:
+            self.watcher: Watcher | None = Watcher(self.editor.root)
+        except OSError:
+            self.watcher = None  # no inotify: commands report no output files
 
     def reap(self) -> None:
         """On SIGCHLD: collect our commands' exit codes without blocking. A signal handler
@@ -166,8 +208,14 @@ class Agent:
                 reply: Any = p.PingResult(p.PROTOCOL_VERSION, sys.version.split()[0], os.getpid(), os.getuid())
             elif isinstance(request, p.Exec):
                 reply = await self.run(request_id, request)
+            elif isinstance(request, p.Repl):
+                reply = await self.repl.run(request_id, request)
+            elif isinstance(request, p.ReplReset):
+                reply = await self.repl.reset()
             elif isinstance(request, p.Edit):
                 reply = await asyncio.get_running_loop().run_in_executor(None, self.edit, request)
+            elif isinstance(request, (p.ReadFile, p.WriteFile)):
+                reply = await asyncio.get_running_loop().run_in_executor(None, self.transfer, request)
             else:
                 reply = p.Failure("internal", f"unhandled op {request.op}")
         except asyncio.CancelledError:
@@ -188,9 +236,68 @@ class Agent:
         except EditorError as exc:
             return p.Failure(exc.code, exc.message)
 
+    def transfer(self, request: p.ReadFile | p.WriteFile) -> p.FileChunk | p.Written | p.Failure:
+        try:
+            if isinstance(request, p.ReadFile):
+                data, size = self.editor.read_chunk(request.path, request.offset, request.length)
+                return p.FileChunk(base64.b64encode(data).decode("ascii"), size)
+            data = base64.b64decode(request.data)
+            return p.Written(self.editor.write_chunk(request.path, data, request.offset, request.final, request.mode))
+        except EditorError as exc:
+            return p.Failure(exc.code, exc.message)
+
+    def written_files(self, since: int) -> list[list[Any]]:
+        """[path, size] of regular files written since event number `since`."""
+        if self.watcher is None:
+            return []
+        self.events.extend(self.watcher.drain())
+        paths = dict.fromkeys(self.events[since - self.events_base :])
+        found = []
+        for path in paths:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue  # written, then removed or renamed
+            if stat.S_ISREG(st.st_mode):
+                found.append([path, st.st_size])
+        return found
+
+    def event_mark(self) -> int:
+        """The number of file events seen so far (a call's files are those after its mark)."""
+        if self.watcher is None:
+            return 0
+        self.events.extend(self.watcher.drain())
+        if len(self.tasks) <= 1 or len(self.events) > 100_000:  # only this call runs: drop the old ones
+            self.events_base += len(self.events)
+            self.events.clear()
+        return self.events_base + len(self.events)
+
+    def spawn(self, argv: list[str], **kwargs: Any) -> tuple[subprocess.Popen[bytes], asyncio.Future[int]]:
+        """Start a child in its own session (kill_tree's unit); the future gets its exit code."""
+        # No preexec_fn: it would force fork() over vfork(), ~4x slower on gVisor.
+        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.children[proc.pid] = (proc, exited)
+        self.reap()  # it may have exited before it was registered
+        return proc, exited
+
+    async def pump(self, request_id: int, name: str, pipe: Any, buffer: CappedBuffer, stream: bool) -> None:
+        """Read one output pipe to its end into `buffer` (and Output events if streaming)."""
+        reader = asyncio.StreamReader(limit=_CHUNK)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            while chunk := await reader.read(_CHUNK):
+                buffer.add(chunk)
+                if stream:
+                    self.send(request_id, p.Output(name, decoder.decode(chunk)))
+        finally:
+            transport.close()
+
     async def run(self, request_id: int, request: p.Exec) -> p.ExecResult:
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
+        mark = self.event_mark()
         # Popen, not asyncio's subprocess: asyncio's wait() also waits for the pipes to
         # close, so a background child holding stdout would hold the call.
         argv, script_fd = ["bash", "-c", request.command], None
@@ -200,36 +307,42 @@ class Agent:
             script_fd = os.memfd_create("command")
             os.write(script_fd, request.command.encode("utf-8", "surrogateescape"))
             argv = ["bash", "-c", f". /proc/self/fd/{script_fd}"]
-        proc = subprocess.Popen(
-            argv,
-            pass_fds=(script_fd,) if script_fd is not None else (),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=request.cwd,
-            env={**os.environ, **request.env},
-            start_new_session=True,  # no preexec_fn: it would force fork() over vfork(), ~4x slower on gVisor
-        )
-        if script_fd is not None:
-            os.close(script_fd)
-        exited: asyncio.Future[int] = loop.create_future()
-        self.children[proc.pid] = (proc, exited)
-        self.reap()  # it may have exited before it was registered
+        notice = ""
+        try:
+            for attempt in (1, 2):
+                try:
+                    proc, exited = self.spawn(
+                        argv,
+                        pass_fds=(script_fd,) if script_fd is not None else (),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        cwd=request.cwd,
+                        env={**os.environ, **request.env},
+                    )
+                    break
+                except BlockingIOError:
+                    if attempt == 2:
+                        raise
+                    # The process limit is full, most likely of what earlier commands left
+                    # running in the background (a fork bomb): clear the sandbox and retry.
+                    kill_all_but_agent()
+                    await asyncio.sleep(0.3)  # for PID 1 to reap them
+                    notice = (
+                        "[mcp-codeexec] the sandbox's process limit was full; every process left running by earlier "
+                        "commands was killed to run this one\n"
+                    )
+        except OSError as exc:  # still EAGAIN, or ENOMEM: no memory
+            message = f"mcp-codeexec: cannot start bash: {exc.strerror or exc} (the sandbox's process or memory limit is reached)\n"
+            return p.ExecResult("", message, 126, False, False, 0, len(message), time.monotonic() - started)
+        finally:
+            if script_fd is not None:
+                os.close(script_fd)
         buffers = {"stdout": CappedBuffer(request.max_output), "stderr": CappedBuffer(request.max_output)}
-
-        async def pump(name: str, pipe: Any) -> None:
-            reader = asyncio.StreamReader(limit=_CHUNK)
-            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            try:
-                while chunk := await reader.read(_CHUNK):
-                    buffers[name].add(chunk)
-                    if request.stream:
-                        self.send(request_id, p.Output(name, decoder.decode(chunk)))
-            finally:
-                transport.close()
-
-        pumps = [asyncio.create_task(pump("stdout", proc.stdout)), asyncio.create_task(pump("stderr", proc.stderr))]
+        pumps = [
+            asyncio.create_task(self.pump(request_id, name, pipe, buffers[name], request.stream))
+            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
+        ]
         timed_out = cancelled = False
         try:
             await asyncio.wait_for(asyncio.shield(exited), request.timeout)
@@ -249,13 +362,14 @@ class Agent:
         code = exited.result()
         result = p.ExecResult(
             stdout=buffers["stdout"].text("stdout"),
-            stderr=buffers["stderr"].text("stderr"),
+            stderr=notice + buffers["stderr"].text("stderr"),
             return_code=128 - code if code < 0 else code,  # killed by signal N -> 128+N, as bash reports
             timed_out=timed_out,
             cancelled=cancelled,
             stdout_bytes=buffers["stdout"].total,
             stderr_bytes=buffers["stderr"].total,
             duration=time.monotonic() - started,
+            files=self.written_files(mark),
         )
         if cancelled:
             self.send(request_id, result)

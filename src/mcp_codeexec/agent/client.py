@@ -16,7 +16,7 @@ from mcp_codeexec.deployment.base import AgentStream
 
 # The agent's modules, in import order. They are sent over stdin at start, so the agent
 # always matches this server's version and needs nothing in the image but python3.
-_AGENT_MODULES = ["protocol", "editor", "agent"]
+_AGENT_MODULES = ["protocol", "editor", "watch", "repl", "agent"]
 
 # Runs as `python3 -c`: reads a JSON header line naming (module, size) pairs, then the
 # sources, registers them as modules in memory and starts the agent. Reads fd 0 unbuffered
@@ -70,6 +70,10 @@ _REPLY_TYPES: dict[type[p.Request], type[Any]] = {
     p.Ping: p.PingResult,
     p.Exec: p.ExecResult,
     p.Edit: p.EditResult,
+    p.ReadFile: p.FileChunk,
+    p.WriteFile: p.Written,
+    p.Repl: p.ExecResult,
+    p.ReplReset: p.ExecResult,
 }
 
 

@@ -66,6 +66,29 @@ class Edit(Request):
 
 
 @dataclass
+class ReadFile(Request):
+    """Read part of a file (base64 in the reply): files leave the sandbox in chunks."""
+
+    op: ClassVar[str] = "read_file"
+    path: str
+    offset: int = 0
+    length: int = 4 << 20
+
+
+@dataclass
+class WriteFile(Request):
+    """Write part of a file: truncate at offset 0, append after. `mode` is applied when
+    `final` (e.g. 0o444 for a read-only copy)."""
+
+    op: ClassVar[str] = "write_file"
+    path: str
+    data: str  # base64
+    offset: int = 0
+    final: bool = True
+    mode: int | None = None
+
+
+@dataclass
 class Cancel(Request):
     """Kill the command started by request `target` (client cancellation). No reply of its
     own: the cancelled request answers, with `cancelled` set."""
@@ -74,7 +97,34 @@ class Cancel(Request):
     target: int
 
 
-REQUESTS: dict[str, type[Request]] = {cls.op: cls for cls in (Ping, Exec, Edit, Cancel)}
+@dataclass
+class Repl(Request):
+    """Run `code` as the next cell of the container's persistent Python interpreter (started
+    on first use). Replies ExecResult; see repl.py for the semantics."""
+
+    op: ClassVar[str] = "repl"
+    code: str
+    timeout: float  # per cell, from when the cell starts (not while it queues behind another)
+    max_output: int
+    # Past the limit, answer a normal result (return code 124, `detection_timeout` on stderr,
+    # timed_out false) instead of timed_out (20260521). Either way the interpreter restarts.
+    timeout_is_result: bool = False
+    stream: bool = False
+    cwd: str = ""  # where a fresh interpreter starts ("" = the agent's cwd)
+    env: dict[str, str] = field(default_factory=dict)  # added when a fresh interpreter starts
+
+
+@dataclass
+class ReplReset(Request):
+    """Kill the interpreter (a running cell ends as a crash); the next cell starts fresh.
+    Replies ExecResult, state_reset telling whether one was running."""
+
+    op: ClassVar[str] = "repl_reset"
+
+
+REQUESTS: dict[str, type[Request]] = {
+    cls.op: cls for cls in (Ping, Exec, Edit, ReadFile, WriteFile, Cancel, Repl, ReplReset)
+}
 
 
 # --- replies (agent -> server) ------------------------------------------------------------
@@ -98,6 +148,23 @@ class ExecResult:
     stdout_bytes: int  # total produced, before capping
     stderr_bytes: int
     duration: float
+    # Repl only: the interpreter's state was lost with this cell (crash, limit, cancel) or
+    # before it (it died between cells); stderr says which.
+    state_reset: bool = False
+    # Regular files written or moved into the workspace while the command ran, as
+    # [path, size] pairs (see agent/watch.py for what counts).
+    files: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass
+class FileChunk:
+    data: str  # base64
+    size: int  # the whole file's size
+
+
+@dataclass
+class Written:
+    size: int
 
 
 @dataclass

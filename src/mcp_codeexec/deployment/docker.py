@@ -9,8 +9,10 @@ engine's stdout/stderr multiplexing is undone here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
+import time
 from functools import partial
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
@@ -19,8 +21,10 @@ import anyio
 import anyio.abc
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 
+from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.deployment.base import (
     AgentStream,
     BackendInfo,
@@ -33,6 +37,7 @@ from mcp_codeexec.deployment.base import (
     SandboxState,
 )
 
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _MUX_HEADER = struct.Struct(">BxxxI")
 _STDERR_KEEP = 8192
@@ -119,9 +124,11 @@ async def _http(path: str, body: dict[str, Any], *, upgrade: bool = False) -> tu
 
 
 class DockerDeployment(Deployment):
-    def __init__(self, runtime: str = "runsc") -> None:
+    def __init__(self, runtime: str = "runsc", quota: q.WorkspaceQuota | None = None) -> None:
         self.runtime = runtime
+        self.quota = quota  # workspace disk quota (deployment/quota.py); None: no quota
         self._api: docker.APIClient | None = None
+        self._collected_at = -1e9  # when orphaned quota filesystems were last released
 
     @property
     def api(self) -> docker.APIClient:
@@ -163,7 +170,20 @@ class DockerDeployment(Deployment):
         volume = spec.volume
 
         def create() -> None:
-            self.api.create_volume(volume, labels=spec.labels)
+            # --- quota: the workspace is an ext4 filesystem of its own (deployment/quota.py)
+            if self.quota is not None:
+                self._collect_orphans()
+                uid, _, gid = spec.user.partition(":")
+                options = self.quota.create(volume, int(uid), int(gid or uid))
+                try:
+                    self.api.create_volume(volume, driver="local", driver_opts=options, labels={**spec.labels, **self.quota.labels(volume)})
+                except BaseException:
+                    self.quota.release(volume)
+                    raise
+            else:
+                self.api.create_volume(volume, labels=spec.labels)
+            # --- cpuset: ceil(cpus) cores, so the sandbox sees its CPU count (quota.py)
+            cpuset = q.pick_cpuset(spec.cpus)
             host_config = self.api.create_host_config(
                 runtime=spec.runtime,
                 network_mode="none",
@@ -174,7 +194,11 @@ class DockerDeployment(Deployment):
                 mem_limit=spec.memory_bytes,
                 memswap_limit=spec.memory_bytes,
                 nano_cpus=int(spec.cpus * 1e9),
+                cpuset_cpus=cpuset,
                 pids_limit=spec.pids_limit,
+                # --- quota.py: processes hit RLIMIT_NPROC (EAGAIN) before the host's pids limit
+                ulimits=[docker.types.Ulimit(name="nproc", soft=q.nproc_limit(spec.pids_limit, spec.runtime),
+                                             hard=q.nproc_limit(spec.pids_limit, spec.runtime))],
                 binds={volume: {"bind": spec.workdir, "mode": "rw"}},
                 tmpfs={
                     "/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777",
@@ -200,7 +224,35 @@ class DockerDeployment(Deployment):
             raise BackendUnavailable(f"cannot create sandbox: {exc}") from exc
 
     async def start(self, name: str) -> None:
+        await self._call(self._reattach_workspace, name)  # quota: loop devices do not survive a reboot
         await self._call(self.api.start, name)
+
+    # --- quota helpers (deployment/quota.py)
+    def _reattach_workspace(self, name: str) -> None:
+        """A quota-backed workspace's file must be on a loop device before its container
+        starts: re-attach it if not (after a host reboot nothing is)."""
+        volume = (self.api.inspect_container(name)["Config"].get("Labels") or {}).get(VOLUME_LABEL)
+        if not volume:
+            return
+        info = self.api.inspect_volume(volume)
+        image = (info.get("Labels") or {}).get(q.FILE_LABEL)
+        device = (info.get("Options") or {}).get("device")
+        if image and device:
+            try:
+                q.ensure_attached(image, device)
+            except q.QuotaError as exc:
+                raise BackendUnavailable(f"cannot start {name}: {exc}") from exc
+
+    def _collect_orphans(self) -> None:
+        """Release filesystems whose volume is gone (at most every 10 minutes)."""
+        if self.quota is None or time.monotonic() - self._collected_at < 600:
+            return
+        self._collected_at = time.monotonic()
+        try:
+            existing = {v["Name"] for v in self.api.volumes().get("Volumes") or []}
+            self.quota.collect(existing)
+        except Exception as exc:  # noqa: BLE001 - housekeeping must not fail a create
+            log.warning("could not release orphaned workspace filesystems: %s", exc)
 
     async def kill(self, name: str) -> None:
         try:
@@ -243,10 +295,19 @@ class DockerDeployment(Deployment):
         except SandboxGone:
             return
         if volume:
+            # --- quota: a quota-backed volume's filesystem goes with it (deployment/quota.py)
+            try:
+                info = await self._call(self.api.inspect_volume, volume)
+            except SandboxGone:
+                info = {}
             try:
                 await self._call(self.api.remove_volume, volume, force=True)
             except SandboxGone:
                 pass
+            image = (info.get("Labels") or {}).get(q.FILE_LABEL)
+            device = (info.get("Options") or {}).get("device")
+            if image and device:
+                await anyio.to_thread.run_sync(q.release, image, device)
 
     async def state(self, name: str) -> SandboxState:
         info = await self._call(self.api.inspect_container, name)

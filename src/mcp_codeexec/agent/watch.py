@@ -1,0 +1,107 @@
+"""Which files a command created or changed: inotify on the workspace (standard library
+only, through ctypes). A walk of the tree per call would cost ~60 ms per 1000 files under
+gVisor; the watcher costs nothing per call but reading its queue.
+
+What counts as an output file: a regular file under the workspace that was written and
+closed, or moved into place, while the call ran; not hidden (no path component starting
+with "."), not in a cache or dependency directory (EXCLUDED_DIRS).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+EXCLUDED_DIRS = {"__pycache__", "node_modules", "site-packages", "venv"}
+
+_IN_CLOSE_WRITE = 0x8
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE_SELF = 0x400
+_IN_IGNORED = 0x8000
+_IN_ISDIR = 0x40000000
+_IN_Q_OVERFLOW = 0x4000
+_MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE_SELF
+_EVENT = struct.Struct("iIII")
+_MAX_WATCHES = 20000
+
+
+def _hidden_or_excluded(name: str) -> bool:
+    return name.startswith(".") or name in EXCLUDED_DIRS
+
+
+class Watcher:
+    """Watches every visible directory under root; `drain()` returns the files written
+    since the last drain."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self._dirs: dict[int, str] = {}
+        self.overflowed = False
+        self._pending: set[str] = set()
+        self._add_tree(root, mark_files=False)
+
+    def _add(self, path: str) -> bool:
+        if len(self._dirs) >= _MAX_WATCHES:
+            self.overflowed = True
+            return False
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), _MASK)
+        if wd >= 0:
+            self._dirs[wd] = path
+        return wd >= 0
+
+    def _add_tree(self, top: str, mark_files: bool = True) -> None:
+        """Watch top and its visible subdirectories. Files already inside a directory that
+        appears during a call count as written (they were, by that call, before the watch
+        could see them)."""
+        stack = [top]
+        while stack:
+            path = stack.pop()
+            if not self._add(path):
+                continue
+            try:
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        if _hidden_or_excluded(entry.name):
+                            continue
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif mark_files and entry.is_file(follow_symlinks=False):
+                            self._pending.add(entry.path)
+            except OSError:
+                pass
+
+    def drain(self) -> set[str]:
+        """Paths (absolute) written or moved in since the last drain."""
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                offset += _EVENT.size + length
+                if mask & _IN_Q_OVERFLOW:
+                    self.overflowed = True
+                    continue
+                if mask & (_IN_IGNORED | _IN_DELETE_SELF):
+                    self._dirs.pop(wd, None)
+                    continue
+                parent = self._dirs.get(wd)
+                if parent is None or not name or _hidden_or_excluded(name):
+                    continue
+                path = os.path.join(parent, name)
+                if mask & _IN_ISDIR:
+                    if mask & (_IN_CREATE | _IN_MOVED_TO):
+                        self._add_tree(path)
+                elif mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO):
+                    self._pending.add(path)
+        written, self._pending = self._pending, set()
+        return written

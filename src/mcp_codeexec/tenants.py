@@ -1,0 +1,153 @@
+"""Who is calling, what they may do, and what they used.
+
+- Tokens: each bearer token maps to a tenant. The token file stores only SHA-256 hashes:
+  `{"tenants": {"alice": {"token_sha256": "…", "rate_per_minute": 120, "max_concurrent": 4,
+  "max_containers": 20, "max_stored_bytes": 1073741824}}}`. Limits are optional.
+- Limits: a per-tenant request rate (token bucket) and number of calls in flight; past
+  either a call answers `too_many_requests`.
+- Usage: per tenant, code execution requests and execution time per container (billed with
+  the API's 5-minute minimum per container), saved to a JSON file so it survives restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mcp.server.auth.provider import AccessToken, TokenVerifier
+
+BILLING_MINIMUM_SECONDS = 300.0
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    name: str
+    token_sha256: str
+    rate_per_minute: float | None = None
+    max_concurrent: int | None = None
+    max_containers: int | None = None
+    max_stored_bytes: int | None = None
+
+
+def load_tenants(path: Path) -> dict[str, TenantPolicy]:
+    """Tenants by token hash."""
+    data = json.loads(path.read_text())
+    policies = {}
+    for name, entry in data.get("tenants", {}).items():
+        policy = TenantPolicy(name=name, **entry)
+        if len(policy.token_sha256) != 64:
+            raise ValueError(f"tenant {name}: token_sha256 must be a SHA-256 hex digest")
+        policies[policy.token_sha256] = policy
+    return policies
+
+
+class HashedTokenVerifier(TokenVerifier):
+    """Bearer token -> tenant; the tenant's name is the access token's client_id."""
+
+    def __init__(self, policies: dict[str, TenantPolicy]) -> None:
+        self.policies = policies
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        digest = hash_token(token)
+        for known, policy in self.policies.items():
+            if hmac.compare_digest(known, digest):
+                return AccessToken(token="", client_id=policy.name, scopes=[])
+        return None
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+    in_flight: int = 0
+
+
+class Limits:
+    def __init__(self, policies: dict[str, TenantPolicy]) -> None:
+        self.by_tenant = {p.name: p for p in policies.values()}
+        self._buckets: dict[str, _Bucket] = {}
+
+    def acquire(self, tenant: str) -> str | None:
+        """None if the call may run (then call release), else why not."""
+        policy = self.by_tenant.get(tenant)
+        if policy is None:
+            return None
+        now = time.monotonic()
+        rate = policy.rate_per_minute
+        bucket = self._buckets.setdefault(tenant, _Bucket(tokens=rate or 0.0, updated=now))
+        if rate is not None:
+            bucket.tokens = min(rate, bucket.tokens + (now - bucket.updated) * rate / 60)
+            bucket.updated = now
+            if bucket.tokens < 1:
+                return f"rate limit of {rate:g} calls per minute reached"
+        if policy.max_concurrent is not None and bucket.in_flight >= policy.max_concurrent:
+            return f"{bucket.in_flight} calls already running (limit {policy.max_concurrent})"
+        if rate is not None:
+            bucket.tokens -= 1
+        bucket.in_flight += 1
+        return None
+
+    def release(self, tenant: str) -> None:
+        bucket = self._buckets.get(tenant)
+        if bucket is not None and bucket.in_flight:
+            bucket.in_flight -= 1
+
+
+@dataclass
+class _TenantUsage:
+    code_execution_requests: int = 0
+    containers: dict[str, float] = field(default_factory=dict)  # container id -> execution seconds
+
+
+class Usage:
+    """Metering, saved to `path` (atomically) after every call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._data: dict[str, _TenantUsage] = {}
+        try:
+            for tenant, entry in json.loads(path.read_text()).items():
+                self._data[tenant] = _TenantUsage(entry["code_execution_requests"], dict(entry["containers"]))
+        except (OSError, ValueError, KeyError):
+            pass
+
+    def record(self, tenant: str, container_id: str | None, seconds: float) -> None:
+        with self._lock:
+            usage = self._data.setdefault(tenant, _TenantUsage())
+            usage.code_execution_requests += 1
+            if container_id is not None:
+                usage.containers[container_id] = usage.containers.get(container_id, 0.0) + seconds
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({t: vars(u) for t, u in self._data.items()}))
+        os.replace(tmp, self.path)
+
+    def report(self, tenant: str) -> dict[str, Any]:
+        with self._lock:
+            usage = self._data.get(tenant, _TenantUsage())
+            containers = [
+                {"id": cid, "execution_seconds": round(sec, 3), "billed_seconds": round(max(sec, BILLING_MINIMUM_SECONDS), 3)}
+                for cid, sec in sorted(usage.containers.items())
+            ]
+        return {
+            "tenant": tenant,
+            "code_execution_requests": usage.code_execution_requests,
+            "execution_seconds": round(sum(c["execution_seconds"] for c in containers), 3),
+            "billed_seconds": round(sum(c["billed_seconds"] for c in containers), 3),
+            "containers": containers,
+        }
