@@ -4,6 +4,7 @@ real Docker and real gVisor. Without Docker these tests FAIL (never skip)."""
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 import os
 import sys
 import tempfile
@@ -92,6 +93,7 @@ def server_params(*args: str) -> StdioServerParameters:
     )
 
 
+@asynccontextmanager
 async def connect(*args: str) -> AsyncIterator[Session]:
     async with Client(server_params(*args)) as client:
         yield Session(client)
@@ -103,7 +105,7 @@ DEFAULT_ARGS = ("--timeout", "5", "--memory", "1g", "--max-output", "20000", "--
 
 @pytest.fixture(scope="module")
 async def sandbox(engine: docker.APIClient) -> AsyncIterator[Session]:
-    async for session in connect(*DEFAULT_ARGS):
+    async with connect(*DEFAULT_ARGS) as session:
         yield session
 
 

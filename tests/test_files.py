@@ -91,7 +91,7 @@ async def test_uploads_named_at_start(tmp_path, engine):
     folder = tmp_path / "inputs"
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / "note.txt").write_text("hello")
-    async for s in connect("--upload", str(tmp_path / "data.csv"), "--upload", f"{folder}:ro"):
+    async with connect("--upload", str(tmp_path / "data.csv"), "--upload", f"{folder}:ro") as s:
         r = await s.bash("python3 -c \"import csv; print(sum(int(r['value']) for r in csv.DictReader(open('uploads/data.csv'))))\"")
         assert r["stdout"] == "42\n"
         assert (await s.bash("cat uploads/inputs/sub/note.txt"))["stdout"] == "hello"
@@ -101,13 +101,13 @@ async def test_uploads_named_at_start(tmp_path, engine):
 
 
 async def test_files_outlive_their_container_and_tenant_scoping(engine):
-    async for a in connect("--lifetime", "4s", "--reap-interval", "1s"):
+    async with connect("--lifetime", "4s", "--reap-interval", "1s") as a:
         r = await a.bash("echo keep-me > result.txt")
         file_id = r["content"][0]["file_id"]
         await anyio.sleep(5)
         assert (await a.bash("true"))["error_code"] == "container_expired"
         data, _ = await read_file_resource(a, file_id)
         assert data == b"keep-me\n"
-    async for other in connect("--tenant", "someone-else", "--no-prepare"):
+    async with connect("--tenant", "someone-else", "--no-prepare") as other:
         with pytest.raises(Exception):
             await read_file_resource(other, file_id)

@@ -46,7 +46,7 @@ def locked_versions() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 async def box(engine) -> AsyncIterator[Session]:
-    async for session in connect("--timeout", "90", "--memory", "1g"):
+    async with connect("--timeout", "90", "--memory", "1g") as session:
         yield session
 
 

@@ -15,7 +15,7 @@ async def tool_names(session) -> set[str]:
 
 
 async def test_20260120_state_carries_and_survives_errors(engine):
-    async for s in connect("--profile", "20260120", "--timeout", "4", "--memory", "1g"):
+    async with connect("--profile", "20260120", "--timeout", "4", "--memory", "1g") as s:
         assert await tool_names(s) == {"bash_code_execution", "text_editor_code_execution", "code_execution"}
         r = await s.python("import math\nx = 21\ndef double(v):\n    return v * 2")
         assert r == {"type": "code_execution_result", "stdout": "", "stderr": "", "return_code": 0, "content": []}
@@ -34,7 +34,7 @@ async def test_20260120_state_carries_and_survives_errors(engine):
 
 
 async def test_20260120_dead_or_hung_interpreter_is_recovered(engine):
-    async for s in connect("--profile", "20260120", "--timeout", "3", "--memory", "1g"):
+    async with connect("--profile", "20260120", "--timeout", "3", "--memory", "1g") as s:
         await s.python("y = 5")
         r = await s.python("import os\nprint('bye', flush=True)\nos._exit(7)")
         assert r["return_code"] == 7 and r["stdout"] == "bye\n" and "state" in r["stderr"] and "reset" in r["stderr"]
@@ -46,7 +46,7 @@ async def test_20260120_dead_or_hung_interpreter_is_recovered(engine):
 
 
 async def test_20260521_per_cell_limit_is_a_normal_result(engine):
-    async for s in connect("--profile", "20260521", "--cell-timeout", "2", "--memory", "1g"):
+    async with connect("--profile", "20260521", "--cell-timeout", "2", "--memory", "1g") as s:
         tools = {t.name: t for t in (await s.client.list_tools()).tools}
         assert "2 s of wall-clock time" in tools["code_execution"].description
         await s.python("z = 1")
@@ -59,7 +59,7 @@ async def test_20260521_per_cell_limit_is_a_normal_result(engine):
 
 
 async def test_20250522_legacy_single_tool_fresh_interpreter(engine):
-    async for s in connect("--profile", "20250522", "--memory", "1g"):
+    async with connect("--profile", "20250522", "--memory", "1g") as s:
         assert await tool_names(s) == {"code_execution"}
         assert (await s.python("a = 1\nprint(a)"))["stdout"] == "1\n"
         r = await s.python("print(a)")
@@ -72,6 +72,6 @@ async def test_20250522_legacy_single_tool_fresh_interpreter(engine):
 
 @pytest.mark.parametrize("arguments", [{"code": 1}, {}, {"code": "x\x00"}, {"code": ["print(1)"]}])
 async def test_code_invalid_input(engine, arguments):
-    async for s in connect("--profile", "20260120", "--no-prepare"):
+    async with connect("--profile", "20260120", "--no-prepare") as s:
         r = await s.call("code_execution", arguments)
         assert r == {"type": "code_execution_tool_result_error", "error_code": "invalid_tool_input"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import asynccontextmanager
 import os
 import socket
 import subprocess
@@ -65,6 +66,7 @@ def headers(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[tenant]}"}
 
 
+@asynccontextmanager
 async def http_session(base: str, tenant: str):
     transport = streamable_http_client(f"{base}/mcp", http_client=httpx2.AsyncClient(headers=headers(tenant), timeout=60))
     async with Client(transport) as client:
@@ -82,12 +84,12 @@ async def test_no_token_is_401(remote):
 
 
 async def test_streamable_http_and_tenant_isolation(remote):
-    async for a in http_session(remote, "pytest"):
+    async with http_session(remote, "pytest") as a:
         r = await a.bash("echo secret > a.txt; echo hi")
         assert r["stdout"] == "hi\n"
         cid = a.last_meta["container"]["id"]
         file_id = r["content"][0]["file_id"]
-    async for b in http_session(remote, "pytest-b"):
+    async with http_session(remote, "pytest-b") as b:
         # Guessing or reusing another tenant's ids: indistinguishable from nonexistent.
         assert (await b.bash("cat a.txt", meta={"container": cid}))["error_code"] == "container_expired"
         assert (await b.bash("cat a.txt"))["return_code"] == 1  # b's own container has no a.txt
@@ -108,7 +110,7 @@ async def test_sse_transport(remote):
 
 
 async def test_rate_limit_then_recovery(remote):
-    async for s in http_session(remote, "pytest-slow"):
+    async with http_session(remote, "pytest-slow") as s:
         codes = [(await s.bash("true"))["type"] for _ in range(5)]
         assert "bash_code_execution_tool_result_error" in codes
         r = await s.call("bash_code_execution", {"command": "true"})
@@ -119,7 +121,7 @@ async def test_rate_limit_then_recovery(remote):
 
 
 async def test_progress_during_a_long_command(remote):
-    async for s in http_session(remote, "pytest"):
+    async with http_session(remote, "pytest") as s:
         seen: list[str] = []
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -131,7 +133,7 @@ async def test_progress_during_a_long_command(remote):
 
 
 async def test_cancellation_kills_the_command(remote):
-    async for s in http_session(remote, "pytest"):
+    async with http_session(remote, "pytest") as s:
         await s.bash("rm -f marker")
         with anyio.move_on_after(2):
             await s.client.call_tool("bash_code_execution", {"command": "sleep 600; touch marker"})
@@ -149,7 +151,7 @@ async def test_files_api_round_trip_and_metering(remote):
         meta = up.json()
         assert meta["filename"] == "weather data.csv" and meta["size_bytes"] == len(payload)
         assert meta["id"] in {f["id"] for f in (await http.get(f"{remote}/v1/files")).json()["data"]}
-        async for s in http_session(remote, "pytest"):
+        async with http_session(remote, "pytest") as s:
             r = await s.bash("cat 'uploads/weather data.csv' | wc -l", meta={"container_upload": [meta["id"]]})
             assert r["stdout"].strip() == "3"
             out = await s.bash("python3 -c \"print(open('uploads/weather data.csv').read().upper())\" > report.txt")

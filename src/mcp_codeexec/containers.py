@@ -40,6 +40,10 @@ class TooManyContainers(Exception):
     """The server's cap on running containers is reached and none is idle."""
 
 
+def _known(size: int) -> int | None:
+    return size if size >= 0 else None
+
+
 def container_name(tenant: str, container_id: str) -> str:
     return f"{PREFIX}{tenant}.{container_id}"
 
@@ -235,7 +239,8 @@ class ContainerManager:
                     "created_at": iso(info.created_at),
                     "expires_at": iso(info.expires_at),
                     "state": "expired" if info.expired else "running" if record.running else "stopped",
-                    "size_bytes": sizes.get(record.labels.get(f"{LABEL}.volume", ""), -1),
+                    # None when the engine does not measure the volume (quota volumes on a loop device)
+                    "size_bytes": _known(sizes.get(record.labels.get(f"{LABEL}.volume", ""), -1)),
                 }
             )
         return sorted(listing, key=lambda c: c["created_at"])

@@ -22,11 +22,13 @@ them `probe` says why and the server runs without a quota (with a warning; `doct
 
 Process count. Docker's `--pids-limit` caps the container's host cgroup, and under runsc
 that cgroup holds gVisor's own tasks: with the ptrace platform each process in the sandbox
-costs 6-8 host tasks (a stub process and its threads; a sleeping sandbox thread costs next
-to nothing), on top of ~40 for the sandbox itself. A fork bomb then hits the host limit
+costs 6 host tasks asleep and up to 15 while it runs (stub processes and threads; a
+sleeping sandbox thread costs next to nothing), on top of ~40 for the sandbox itself. A
+fork bomb (or just ~35 busy processes under the default 512) then hits the host limit
 first, gVisor cannot make a thread, and the whole sandbox dies. So the sandbox also gets an
-RLIMIT_NPROC (which gVisor enforces, per user, counting threads) that trips first: forks
-fail with EAGAIN inside and the sandbox lives on.
+RLIMIT_NPROC (which gVisor enforces, per user, counting threads too) that trips first:
+forks fail with EAGAIN inside and the sandbox lives on. It is (pids - 64) // 16: 28
+processes and threads for --pids 512. Raise --pids for more: the host-side cap grows with it.
 
 CPU pinning. Under gVisor, a CFS quota (`--cpus`) still shows every host CPU inside
 (`nproc`, `os.cpu_count()`), so programs start too many workers; a cpuset shows what
@@ -311,15 +313,17 @@ def workspace_quota(size_bytes: int, directory: str = DEFAULT_DIR) -> WorkspaceQ
 
 # --------------------------------------------------------------- process count
 
-_RUNSC_BASE_TASKS = 64  # host tasks of an idle gVisor sandbox and its execs (measured: 35-40)
-_RUNSC_TASKS_PER_PROCESS = 8  # host tasks per sandbox process at peak, ptrace platform (measured: 5.5-8)
+# Measured with runsc's ptrace platform on 2 cores: an idle sandbox holds 35-40 host tasks;
+# each sleeping process ~6 more, each process of a running fork bomb 11-15 more.
+_RUNSC_BASE_TASKS = 64
+_RUNSC_TASKS_PER_PROCESS = 16
 
 
 def nproc_limit(pids_limit: int, runtime: str) -> int:
     """RLIMIT_NPROC for the sandbox user: trips before the host's pids limit does."""
     if runtime != "runsc":
         return max(1, pids_limit - 4)
-    return max(1, (pids_limit - _RUNSC_BASE_TASKS) // _RUNSC_TASKS_PER_PROCESS)
+    return max(8, (pids_limit - _RUNSC_BASE_TASKS) // _RUNSC_TASKS_PER_PROCESS)
 
 
 # ----------------------------------------------------------------- CPU pinning
