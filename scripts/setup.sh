@@ -122,6 +122,11 @@ missing=()
 { find_cmd dockerd && find_cmd docker; } >/dev/null || missing+=(docker.io)
 find_cmd debootstrap >/dev/null || missing+=(debootstrap)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# The sandbox image's Python libraries are wheels installed by the host's pip
+# (sandbox/wheels.py); workspace disk quotas need losetup, mkfs.ext4 and debugfs.
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+{ find_cmd mkfs.ext4 && find_cmd debugfs; } >/dev/null || missing+=(e2fsprogs)
+find_cmd losetup >/dev/null || missing+=(mount)
 runsc_pkg=""
 runsc_fallback=""
 backports_ok=0
