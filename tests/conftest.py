@@ -11,11 +11,13 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import docker
 import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from mcp_codeexec.deployment.docker import DockerDeployment
 from strict import validate_result
 
 IMAGE = os.environ.get("MCP_CODEEXEC_IMAGE", "mcp-codeexec-sandbox:latest")
@@ -24,12 +26,14 @@ TENANT = "pytest"  # the tests' containers live under their own tenant, removed 
 
 
 def remove_test_containers(api: docker.APIClient) -> None:
+    """Remove the tests' containers the way the server does (workspace volume, and its disk
+    quota's loop device and backing file too)."""
+    deployment = DockerDeployment()
     for prefix in (f"mcp-codeexec.{TENANT}", "mcp-codeexec-pool."):  # pytest, pytest-b, ...
         for c in api.containers(all=True, filters={"name": prefix}):
-            volume = (c.get("Labels") or {}).get(f"{LABEL}.volume")
-            api.remove_container(c["Id"], force=True)
-            if volume:
-                api.remove_volume(volume, force=True)
+            name = c["Names"][0].lstrip("/")
+            if name.startswith(prefix):
+                anyio.run(deployment.remove, name)
 
 
 @pytest.fixture(scope="session")

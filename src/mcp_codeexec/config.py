@@ -44,7 +44,9 @@ class Settings(BaseModel):
     image: str = "mcp-codeexec-sandbox:latest"
     memory_bytes: int = 5 << 30
     cpus: float = 1.0
-    pids_limit: int = 512
+    # Host tasks per sandbox: under gVisor's ptrace platform each sandboxed process costs up
+    # to ~16, so 2048 leaves room for ~120 processes (deployment/quota.py nproc_limit).
+    pids_limit: int = 2048
     timeout: float = Field(default=120.0, gt=0)
     max_output_bytes: int = Field(default=50_000, ge=1024)  # per stream, head + tail kept
     workdir: str = "/workspace"

@@ -110,7 +110,7 @@ def system_prompt(settings: Settings, isolation: str, facts: ImageFacts) -> str:
 
 ## Facts
 - Linux x86_64, Python {facts.python}, bash. Working directory: `{s.workdir}`; /tmp is scratch space.
-- Memory: {format_size(s.memory_bytes)}; CPUs: {s.cpus:g}; processes: at most {s.pids_limit}.
+- Memory: {format_size(s.memory_bytes)}; CPUs: {s.cpus:g}; workspace disk: {format_size(s.disk_bytes) if s.disk_bytes else "no quota"}.
 - No network: no internet, no package installs from the network (pip/apt will fail).
 - Runs as an unprivileged user under {isolation}.
 - Installed: {packages}.

@@ -141,7 +141,9 @@ class DockerDeployment(Deployment):
 
     async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         try:
-            return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+            # abandon_on_cancel: an engine call that hangs (a crashed runsc sandbox can make
+            # inspect hang) must not hold up the caller's time limit and backstop.
+            return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), abandon_on_cancel=True)
         except docker.errors.NotFound as exc:
             raise SandboxGone(str(exc)) from exc
         except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
