@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-prepare", action="store_true", help="do not start the session's container before its first call")
     ap.add_argument("--upload", action="append", default=[], metavar="PATH[:ro]",
                     help="copy a host file or directory into every new container at <workdir>/uploads/ (repeatable; :ro makes the copy read-only)")
-    ap.add_argument("--data-dir", default="", help="where output files are kept (default ~/.local/share/mcp-codeexec/files)")
+    ap.add_argument("--data-dir", default="", help="where files and usage are kept (default ~/.local/share/mcp-codeexec)")
     ap.add_argument("--max-file-size", default="64m", help="largest output file registered (default 64m)")
     ap.add_argument("--file-retention", default="", help="delete kept files after this long (default: keep until deleted)")
     ap.add_argument("--transport", choices=["stdio", "http"], default="stdio",
