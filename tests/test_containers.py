@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from datetime import timedelta
 
 import anyio
 import pytest

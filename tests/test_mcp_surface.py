@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from mcp.client import Client
 
-from conftest import IMAGE, connect, server_params
+from conftest import server_params
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
