@@ -2,7 +2,8 @@
 # Prepare this machine to run and test mcp-codeexec. Idempotent; meant for
 # Debian 12, run as root (or a user with sudo).
 #
-#  1. apt-installs docker.io, runsc, debootstrap, python3-venv if missing;
+#  1. apt-installs docker.io, runsc, debootstrap, python3-venv (and npm, for the
+#     conformance test) if missing;
 #  2. merges a "runsc" runtime into /etc/docker/daemon.json (runtimeArgs
 #     --network=none and --platform=$MCP_CODEEXEC_RUNSC_PLATFORM, default
 #     ptrace; an existing entry's platform is kept unless that variable is set);
@@ -127,6 +128,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 { find_cmd mkfs.ext4 && find_cmd debugfs; } >/dev/null || missing+=(e2fsprogs)
 find_cmd losetup >/dev/null || missing+=(mount)
+# npm runs the official MCP conformance suite in the tests (it fetches its own pinned Node).
+find_cmd npx >/dev/null || missing+=(npm)
 runsc_pkg=""
 runsc_fallback=""
 backports_ok=0
