@@ -26,6 +26,8 @@ import docker
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from mcp_codeexec.deployment.docker import DockerDeployment
+
 FLOOR_SCRIPT = """
 import json, subprocess, time
 samples = []
@@ -131,16 +133,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"\nfloor p50 {floor_p50:.2f} ms; targets: warm bash <= 1.25x floor, editor view < 5 ms")
     print(f"idle sandbox memory (PSS of its gVisor processes): running {idle_running_kib / 1024:.1f} MiB; "
           "stopped 0 MiB (no process; only its workspace volume on disk)")
-    remove_bench_containers()
-
-
-def remove_bench_containers() -> None:
-    api = docker.APIClient(version="auto")
-    for c in api.containers(all=True, filters={"name": "mcp-codeexec.bench."}):
-        volume = (c.get("Labels") or {}).get("org.mcp-codeexec.volume")
-        api.remove_container(c["Id"], force=True)
-        if volume:
-            api.remove_volume(volume, force=True)
+    await DockerDeployment().remove_all("mcp-codeexec.bench.")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ import tempfile
 import time
 
 import anyio
-import docker
 import httpx2
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
+
+from mcp_codeexec.deployment.docker import DockerDeployment
 
 
 def rss_mib(pid: int) -> float:
@@ -80,12 +81,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-        api = docker.APIClient(version="auto")
-        for c in api.containers(all=True, filters={"name": "mcp-codeexec.load"}):
-            volume = (c.get("Labels") or {}).get("org.mcp-codeexec.volume")
-            api.remove_container(c["Id"], force=True)
-            if volume:
-                api.remove_volume(volume, force=True)
+        await DockerDeployment().remove_all("mcp-codeexec.load")
         os.unlink(tokens_file.name)
     print(f"\n{'clients':>8} {'seconds':>8} {'calls':>7} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'RSS before MiB':>15} {'RSS after MiB':>14}")
     print(f"{args.clients:8d} {elapsed:8.1f} {len(latencies):7d} {len(latencies) / max(elapsed, 1e-9):8.1f} "

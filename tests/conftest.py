@@ -28,12 +28,8 @@ TENANT = "pytest"  # the tests' containers live under their own tenant, removed 
 def remove_test_containers(api: docker.APIClient) -> None:
     """Remove the tests' containers the way the server does (workspace volume, and its disk
     quota's loop device and backing file too)."""
-    deployment = DockerDeployment()
     for prefix in (f"mcp-codeexec.{TENANT}", "mcp-codeexec-pool."):  # pytest, pytest-b, ...
-        for c in api.containers(all=True, filters={"name": prefix}):
-            name = c["Names"][0].lstrip("/")
-            if name.startswith(prefix):
-                anyio.run(deployment.remove, name)
+        anyio.run(DockerDeployment().remove_all, prefix)
 
 
 @pytest.fixture(scope="session")

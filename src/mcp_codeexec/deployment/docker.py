@@ -282,6 +282,13 @@ class DockerDeployment(Deployment):
                 records.append(SandboxRecord(name=name, labels=c.get("Labels") or {}, running=c["State"] == "running"))
         return records
 
+    async def remove_all(self, prefix: str) -> int:
+        """Remove every sandbox whose name starts with prefix (tests, benchmarks, pruning)."""
+        records = await self.list(prefix)
+        for record in records:
+            await self.remove(record.name)
+        return len(records)
+
     async def volume_sizes(self) -> dict[str, int]:
         usage = await self._call(self.api.df)
         return {v["Name"]: v.get("UsageData", {}).get("Size", -1) for v in usage.get("Volumes") or []}
