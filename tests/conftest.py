@@ -17,19 +17,25 @@ import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from mcp_codeexec.containers import _owner_alive
 from mcp_codeexec.deployment.docker import DockerDeployment
 from strict import validate_result
 
 IMAGE = os.environ.get("MCP_CODEEXEC_IMAGE", "mcp-codeexec-sandbox:latest")
 LABEL = "org.mcp-codeexec"
-TENANT = "pytest"  # the tests' containers live under their own tenant, removed at the end
+# The tests' containers live under their own tenant, removed at the end. Two test runs at
+# once (two work trees) set MCP_CODEEXEC_TEST_TENANT apart so neither removes the other's.
+TENANT = os.environ.get("MCP_CODEEXEC_TEST_TENANT", "pytest")
 
 
 def remove_test_containers(api: docker.APIClient) -> None:
     """Remove the tests' containers the way the server does (workspace volume, and its disk
-    quota's loop device and backing file too)."""
-    for prefix in (f"mcp-codeexec.{TENANT}", "mcp-codeexec-pool."):  # pytest, pytest-b, ...
-        anyio.run(DockerDeployment().remove_all, prefix)
+    quota's loop device and backing file too), and pool containers whose owner is gone."""
+    anyio.run(DockerDeployment().remove_all, f"mcp-codeexec.{TENANT}")  # pytest, pytest-b, ...
+    for c in api.containers(all=True, filters={"name": "mcp-codeexec-pool."}):
+        owner = (c.get("Labels") or {}).get(f"{LABEL}.pool-owner", "")
+        if not _owner_alive(owner):
+            anyio.run(DockerDeployment().remove, c["Names"][0].lstrip("/"))
 
 
 @pytest.fixture(scope="session")
