@@ -13,6 +13,7 @@ import pytest
 
 from mcp_codeexec.agent import client as c
 from mcp_codeexec.agent import protocol as p
+from mcp_codeexec.agent.bootstrap import loader_argv
 from mcp_codeexec.deployment.base import SandboxSpec
 from mcp_codeexec.deployment.docker import DockerDeployment
 
@@ -23,8 +24,8 @@ WORKDIR = "/workspace"
 MEMORY = 1 << 30
 
 
-async def start_agent(deployment: DockerDeployment, name: str) -> c.AgentClient:
-    """A container like the server's (same limits shape) and its agent, started."""
+async def start_sandbox(deployment: DockerDeployment, name: str) -> None:
+    """A container like the server's (same limits shape), started."""
     await deployment.create(
         SandboxSpec(
             name=name,
@@ -36,14 +37,11 @@ async def start_agent(deployment: DockerDeployment, name: str) -> c.AgentClient:
             pids_limit=256,
             workdir=WORKDIR,
             tmp_bytes=64 << 20,
+            command=tuple(loader_argv(p.PROTOCOL_VERSION)),
             env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"},
         )
     )
     await deployment.start(name)
-    stream = await deployment.open_agent(
-        name, c.agent_argv(), {"MCP_CODEEXEC_ROOT": WORKDIR, "MCP_CODEEXEC_RLIMIT_AS": str(MEMORY)}
-    )
-    return c.AgentClient(stream)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +53,9 @@ async def agent() -> AsyncIterator[c.AgentClient]:
         pytest.fail(f"Docker Engine with gVisor and {IMAGE} is required: {exc}")
     name = f"mcp-codeexec-test-repl-{secrets.token_hex(4)}"
     try:
-        client = await start_agent(deployment, name)
+        await start_sandbox(deployment, name)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(client.serve)
-            await client.start()
-            with anyio.fail_after(30):
-                assert isinstance(await client.request(p.Ping()), p.PingResult)
+            client = await c.connect_agent(deployment, name, tg, {"root": WORKDIR, "rlimit_as": MEMORY})
             yield client
             await client.aclose()
             tg.cancel_scope.cancel()

@@ -23,8 +23,9 @@ import anyio
 import anyio.abc
 
 from mcp_codeexec.config import Settings
-from mcp_codeexec.deployment.base import BackendUnavailable, Deployment, NameTaken, SandboxGone
-from mcp_codeexec.sandbox import LABEL, ContainerExpired, ContainerInfo, Sandbox, iso, sandbox_spec
+from mcp_codeexec.deployment.base import Deployment
+from mcp_codeexec.errors import BackendUnavailable, ContainerExpired, NameTaken, SandboxGone, TooManyRequests
+from mcp_codeexec.sandbox import LABEL, ContainerInfo, Sandbox, iso, sandbox_spec
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _ID = re.compile(r"container_[A-Za-z0-9]{24}")
 
 
-class TooManyContainers(Exception):
+class TooManyContainers(TooManyRequests):
     """The server's cap on running containers is reached and none is idle."""
 
 

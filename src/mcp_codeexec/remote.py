@@ -29,8 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from mcp_codeexec.config import Settings
-from mcp_codeexec.deployment.base import BackendUnavailable
-from mcp_codeexec.sandbox import ContainerExpired
+from mcp_codeexec.errors import BackendUnavailable, CodeExecError, ContainerExpired, FileNotFound
 from mcp_codeexec.server import AppState, build_server, put_file
 from mcp_codeexec.tenants import HashedTokenVerifier, load_tenants
 
@@ -126,9 +125,9 @@ def build_app(settings: Settings) -> Starlette:
             where = await put_file(state(), tenant, sandbox, file_id, path)
         except ContainerExpired:
             return _error(404, "not_found_error", "container not found or expired")
-        except FileNotFoundError:
+        except FileNotFound:
             return _error(404, "not_found_error", "file not found")
-        except (BackendUnavailable, OSError) as exc:
+        except CodeExecError as exc:
             return _error(503, "api_error", str(exc))
         return JSONResponse({"container_id": sandbox.info.id, "file_id": file_id, "path": where}, status_code=201)
 

@@ -20,13 +20,25 @@ import anyio
 import anyio.abc
 
 from mcp_codeexec.agent import protocol as p
-from mcp_codeexec.agent.client import AgentClient, AgentDied, agent_argv
+from mcp_codeexec.agent.bootstrap import loader_argv
+from mcp_codeexec.agent.client import AgentClient, AgentDied, connect_agent
 from mcp_codeexec.config import Settings
-from mcp_codeexec.deployment.base import BackendUnavailable, Deployment, SandboxGone, SandboxSpec
+from mcp_codeexec.deployment.base import Deployment, SandboxSpec
+from mcp_codeexec.errors import (
+    CodeExecError,
+    ContainerExpired,
+    ExecutionTimeExceeded,
+    FileNotFound,
+    OutputFileTooLarge,
+    SandboxDied,
+    SandboxGone,
+)
 
 log = logging.getLogger(__name__)
 
 LABEL = "org.mcp-codeexec"
+# How a sandbox is made: 2 = the agent is the main process, as root (agent/bootstrap.py).
+LAYOUT = "2"
 _WATCH_INTERVAL = 2.0
 _TRANSFER_TIMEOUT = 60.0
 _ALPHABET = string.ascii_letters + string.digits
@@ -35,22 +47,6 @@ _ALPHABET = string.ascii_letters + string.digits
 def new_container_id() -> str:
     """An id in the API's style (container_ + 24 base62 characters)."""
     return "container_" + "".join(secrets.choice(_ALPHABET) for _ in range(24))
-
-
-class SandboxDied(Exception):
-    """The sandbox died during a call; it has been restarted with its files intact."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class CallTimedOut(Exception):
-    """The agent did not answer within the time limit plus the backstop grace."""
-
-
-class ContainerExpired(Exception):
-    """The container has expired, or is gone: the API's `container_expired`."""
 
 
 def _utc(text: str) -> datetime:
@@ -101,7 +97,8 @@ def sandbox_spec(
         pids_limit=s.pids_limit,
         workdir=s.workdir,
         tmp_bytes=s.tmp_bytes,
-        labels={f"{LABEL}.managed": "1", **info.labels(), **(extra_labels or {})},
+        command=tuple(loader_argv(p.PROTOCOL_VERSION)),
+        labels={f"{LABEL}.managed": "1", f"{LABEL}.layout": LAYOUT, **info.labels(), **(extra_labels or {})},
         env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"},
     )
 
@@ -157,21 +154,13 @@ class Sandbox:
                     await self.deployment.start(self.name)
             except SandboxGone:
                 raise ContainerExpired(f"container {self.info.id} no longer exists") from None
-            stream = await self.deployment.open_agent(
-                self.name,
-                agent_argv(),
-                {"MCP_CODEEXEC_ROOT": self.settings.workdir, "MCP_CODEEXEC_RLIMIT_AS": str(self.settings.rlimit_as)},
-            )
-            agent = AgentClient(stream)
-            self.task_group.start_soon(agent.serve)
-            await agent.start()
-            with anyio.fail_after(30):
-                reply = await agent.request(p.Ping())
-            if isinstance(reply, p.Failure) or reply.protocol != p.PROTOCOL_VERSION:
-                await agent.aclose()
-                raise BackendUnavailable(f"agent did not start properly: {reply}")
-            self._agent = agent
-            return agent
+            self._agent = await self._connect()
+            return self._agent
+
+    async def _connect(self) -> AgentClient:
+        return await connect_agent(
+            self.deployment, self.name, self.task_group, {"root": self.settings.workdir, "rlimit_as": self.settings.rlimit_as}
+        )
 
     async def request(self, request: p.Request, limit: float, on_output: Callable[[p.Output], None] | None = None) -> Any:
         """One request to the agent, with death detection and an outside time backstop."""
@@ -223,19 +212,22 @@ class Sandbox:
         if died:
             raise SandboxDied(reason)
         log.warning("sandbox %s: no answer within the backstop (%s); restarted it", self.info.id, reason)
-        raise CallTimedOut()
+        raise ExecutionTimeExceeded("the sandbox did not answer in time and was restarted")
 
     async def read_file(self, path: str, max_bytes: int) -> bytes:
-        """A file's bytes, copied out in chunks (raises ValueError past max_bytes)."""
+        """A file's bytes, copied out in chunks (FileNotFound, or OutputFileTooLarge past
+        max_bytes: the size the sandbox claims is checked against the bytes it sends)."""
         data = bytearray()
         while True:
             chunk = await self.request(p.ReadFile(path=path, offset=len(data)), _TRANSFER_TIMEOUT)
             if isinstance(chunk, p.Failure):
-                raise FileNotFoundError(chunk.message)
+                raise FileNotFound(chunk.message)
             if chunk.size > max_bytes:
-                raise ValueError(f"{path} is {chunk.size} bytes, over the {max_bytes}-byte limit")
+                raise OutputFileTooLarge(f"{path} is {chunk.size} bytes, over the {max_bytes}-byte limit")
             piece = base64.b64decode(chunk.data)
             data += piece
+            if len(data) > max_bytes:
+                raise OutputFileTooLarge(f"{path} is over the {max_bytes}-byte limit")
             if not piece or len(data) >= chunk.size:
                 return bytes(data)
 
@@ -248,11 +240,21 @@ class Sandbox:
                 _TRANSFER_TIMEOUT,
             )
             if isinstance(reply, p.Failure):
-                raise OSError(reply.message)
+                raise CodeExecError(f"cannot write {path}: {reply.message}")
 
     async def _diagnose(self, agent: AgentClient, fallback: str) -> str:
         try:
             state = await self.deployment.state(self.name)
+            # A sandbox killed whole (memory) drops the agent's stream a moment before the
+            # engine reports it stopped: give the engine that moment before blaming the agent.
+            for _ in range(15):
+                if not state.running:
+                    break
+                await anyio.sleep(0.2)
+                state = await self.deployment.state(self.name)
+            if not state.running and not state.oom_killed:
+                await anyio.sleep(0.5)  # the engine sets OOMKilled a moment after the exit
+                state = await self.deployment.state(self.name)
         except SandboxGone:
             return "the sandbox's container disappeared"
         if state.oom_killed:

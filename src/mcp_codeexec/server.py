@@ -27,7 +27,8 @@ from pydantic import BaseModel
 from mcp_codeexec import __version__, tools, wire
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
-from mcp_codeexec.deployment.base import BackendUnavailable, Deployment
+from mcp_codeexec.deployment.base import Deployment
+from mcp_codeexec.errors import BackendUnavailable, CodeExecError, FileNotFound, InvalidToolInput
 from mcp_codeexec.deployment.docker import DockerDeployment
 from mcp_codeexec.deployment.quota import workspace_quota
 from mcp_codeexec.image import read_manifest
@@ -159,9 +160,21 @@ def _tenant(ctx: ServerRequestContext[AppState], settings: Settings) -> str:
     return token.client_id if token is not None else settings.tenant
 
 
+_MAX_CONTAINER_UPLOADS = 100
+
+
 def _container_uploads(ctx: ServerRequestContext[AppState]) -> list[str]:
-    named = (ctx.meta or {}).get("container_upload") or []
-    return [f for f in ([named] if isinstance(named, str) else named) if isinstance(f, str)]
+    """The file ids a request's `_meta.container_upload` names: one id or a list of ids
+    (InvalidToolInput for anything else)."""
+    named = (ctx.meta or {}).get("container_upload")
+    if named is None:
+        return []
+    ids = [named] if isinstance(named, str) else named
+    if not isinstance(ids, list) or len(ids) > _MAX_CONTAINER_UPLOADS or not all(isinstance(f, str) for f in ids):
+        raise InvalidToolInput(
+            f"_meta.container_upload must be a file id or a list of at most {_MAX_CONTAINER_UPLOADS} file ids"
+        )
+    return ids
 
 
 async def put_file(state: AppState, tenant: str, sandbox: Sandbox, file_id: str, path: str | None = None) -> str:
@@ -169,18 +182,24 @@ async def put_file(state: AppState, tenant: str, sandbox: Sandbox, file_id: str,
     meta = state.files.get(tenant, file_id)
     data = state.files.read(tenant, file_id) if meta else None
     if meta is None or data is None:
-        raise FileNotFoundError(f"no file {file_id!r}")
+        raise FileNotFound(f"no file {file_id[:80]!r}")
     target = path or f"{state.settings.workdir}/{UPLOADS_DIR}/{meta.filename}"
     await sandbox.write_file(target, data)
     return target
 
 
 def _requested_container(ctx: ServerRequestContext[AppState]) -> str | None:
-    """The container a request names in `_meta`: "container_…" or {"id": "container_…"}."""
+    """The container a request names in `_meta`: "container_…" or {"id": "container_…"}
+    (InvalidToolInput for any other shape; an id that names nothing is the manager's
+    container_expired)."""
     named = (ctx.meta or {}).get("container")
-    if isinstance(named, dict):
+    if named is None:
+        return None
+    if isinstance(named, dict) and set(named) <= {"id", "expires_at"}:
         named = named.get("id")
-    return named if isinstance(named, str) else None
+    if not isinstance(named, str):
+        raise InvalidToolInput('_meta.container must be a container id or {"id": "container_…"}')
+    return named
 
 
 async def _prune_files(files: FileStore, interval: float) -> None:
@@ -276,6 +295,17 @@ def build_server(
         return types.ListToolsResult(tools=_tools(settings))
 
     async def call_tool(ctx: ServerRequestContext[AppState], params: types.CallToolRequestParams) -> types.CallToolResult:
+        if _TOOLS_BY_PROFILE[settings.profile].get(params.name) is None:
+            raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}")
+        try:
+            return await handle_call(ctx, params)
+        except CodeExecError as exc:  # bad _meta, an upload that is not there, ...
+            return _result(tools.error(params.name, exc.code, exc.message), {})
+        except Exception:  # noqa: BLE001 - errors are results, even our own bugs
+            log.exception("call %s: unexpected error", ctx.request_id)
+            return _result(tools.error(params.name, "unavailable", "internal error in the server; see its log"), {})
+
+    async def handle_call(ctx: ServerRequestContext[AppState], params: types.CallToolRequestParams) -> types.CallToolResult:
         state = ctx.lifespan_context
         tenant = _tenant(ctx, settings)
         session, requested = _session_key(ctx), _requested_container(ctx)
@@ -288,9 +318,7 @@ def build_server(
             uploads.clear()
             return sandbox
 
-        tool = _TOOLS_BY_PROFILE[settings.profile].get(params.name)
-        if tool is None:
-            raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}")
+        tool = _TOOLS_BY_PROFILE[settings.profile][params.name]
         refusal = state.limits.acquire(tenant)
         if refusal is not None:
             log.info("tenant %s: too many requests: %s", tenant, refusal)

@@ -7,17 +7,16 @@ too many containers) becomes a typed result here; nothing raises to the MCP laye
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, get_args
 
 from pydantic import BaseModel, ValidationError
 
 from mcp_codeexec import wire
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
-from mcp_codeexec.containers import TooManyContainers
-from mcp_codeexec.deployment.base import BackendUnavailable
+from mcp_codeexec.errors import CodeExecError, SandboxDied
 from mcp_codeexec.files import FileMeta, FileStore
-from mcp_codeexec.sandbox import CallTimedOut, ContainerExpired, Sandbox, SandboxDied
+from mcp_codeexec.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ async def register_outputs(
             continue
         try:
             data = await sandbox.read_file(path, settings.max_file_bytes)
-        except (FileNotFoundError, ValueError) as exc:
+        except CodeExecError as exc:
             notes.append(f"{path}: not registered ({exc})")
             continue
         files.append(store.add(sandbox.tenant, path.rsplit("/", 1)[-1], data, sandbox.info.id, path))
@@ -58,33 +57,41 @@ async def register_outputs(
     return files, notes
 
 
-async def _run(get_sandbox: SandboxGetter, request: p.Request, limit: float, on_output: Any = None) -> tuple[Any, Sandbox | None, str]:
-    """(reply, sandbox, error code); the code is "" on success. For SandboxDied the reply
-    is the reason."""
+async def _run(get_sandbox: SandboxGetter, request: p.Request, limit: float, on_output: Any = None) -> tuple[Any, Sandbox | None, CodeExecError | None]:
+    """(reply, sandbox, error): the error is None on success."""
     sandbox = None
     try:
         sandbox = await get_sandbox()
-        return await sandbox.request(request, limit, on_output), sandbox, ""
-    except ContainerExpired as exc:
-        return str(exc), sandbox, "container_expired"
-    except TooManyContainers as exc:
-        return str(exc), sandbox, "too_many_requests"
-    except BackendUnavailable as exc:
-        log.warning("backend unavailable: %s", exc)
-        return str(exc), sandbox, "unavailable"
-    except CallTimedOut:
-        return "the sandbox did not answer in time and was restarted", sandbox, "execution_time_exceeded"
-    except SandboxDied as exc:
-        return exc.reason, sandbox, "died"
+        return await sandbox.request(request, limit, on_output), sandbox, None
+    except CodeExecError as exc:
+        if exc.code == "unavailable" and not isinstance(exc, SandboxDied):
+            log.warning("backend unavailable: %s", exc)
+        return None, sandbox, exc
+
+
+_CODES = {
+    wire.EDITOR_TOOL: set(get_args(wire.EditorErrorCode)),
+    wire.CODE_TOOL: set(get_args(wire.CodeErrorCode)),
+    wire.BASH_TOOL: set(get_args(wire.BashErrorCode)),
+}
 
 
 def error(tool: str, code: str, message: str) -> BaseModel:
-    """The error object of `tool` (only the editor's carries a message)."""
+    """The error object of `tool` (only the editor's carries a message). A code the tool's
+    errors do not include becomes the nearest one it does: a missing file named in the
+    request is bad input to bash."""
+    if code not in _CODES.get(tool, _CODES[wire.BASH_TOOL]):
+        code = "invalid_tool_input" if code in ("file_not_found", "string_not_found") else "unavailable"
     if tool == wire.EDITOR_TOOL:
         return wire.EditorError(error_code=code, error_message=message)  # type: ignore[arg-type]
     if tool == wire.CODE_TOOL:
         return wire.CodeError(error_code=code)  # type: ignore[arg-type]
     return wire.BashError(error_code=code)  # type: ignore[arg-type]
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """Text from a sandbox, cut short for a log line."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _encodable(text: str) -> bool:
@@ -108,21 +115,23 @@ async def _command(
     """Run a command (bash) or a cell (Python) and shape the API's result: `kind` is
     (result, output entry, error) of the tool's wire types."""
     result_cls, output_cls, error_cls = kind
-    reply, sandbox, code = await _run(get_sandbox, request, limit, on_output)
-    if code == "died":
+    reply, sandbox, failure = await _run(get_sandbox, request, limit, on_output)
+    if isinstance(failure, SandboxDied):
         # Not an API error code: the process tree is gone, as after a kill -9. Say what
         # happened where the model reads it.
-        stderr = f"[mcp-codeexec] {reply}. The sandbox was restarted; files in the workspace are intact.\n"
+        stderr = f"[mcp-codeexec] {failure.reason}. The sandbox was restarted; files in the workspace are intact.\n"
         return Outcome(result_cls(stdout="", stderr=stderr, return_code=137), sandbox)
-    if code:
-        return Outcome(error_cls(error_code=code), sandbox)
+    if failure is not None:
+        return Outcome(error_cls(error_code=failure.code), sandbox)
     if isinstance(reply, p.Failure):
-        log.warning("agent failure: %s", reply)
+        log.warning("agent failure: %s", _clip(reply.message))
         return Outcome(error_cls(error_code="unavailable"), sandbox)
     if reply.timed_out:
         return Outcome(error_cls(error_code="execution_time_exceeded"), sandbox)
     files: list[FileMeta] = []
     stderr = reply.stderr
+    if reply.files_note:
+        stderr += f"[mcp-codeexec] {reply.files_note}\n"
     if store is not None and reply.files and sandbox is not None:
         files, notes = await register_outputs(settings, store, sandbox, reply.files)
         stderr += "".join(f"[mcp-codeexec] {note}\n" for note in notes)
@@ -207,11 +216,11 @@ async def editor(get_sandbox: SandboxGetter, arguments: dict[str, Any]) -> Outco
         args = wire.editor_input.validate_python(arguments)
     except ValidationError as exc:
         return Outcome(_editor_error("invalid_tool_input", _describe(exc)), None)
-    reply, sandbox, code = await _run(get_sandbox, p.Edit(**args.model_dump()), _EDITOR_TIMEOUT)
-    if code == "died":
-        return Outcome(_editor_error("unavailable", f"{reply}; the sandbox was restarted, files are intact"), sandbox)
-    if code:
-        return Outcome(_editor_error(code, reply), sandbox)
+    reply, sandbox, failure = await _run(get_sandbox, p.Edit(**args.model_dump()), _EDITOR_TIMEOUT)
+    if isinstance(failure, SandboxDied):
+        return Outcome(_editor_error("unavailable", f"{failure.reason}; the sandbox was restarted, files are intact"), sandbox)
+    if failure is not None:
+        return Outcome(_editor_error(failure.code, failure.message), sandbox)
     if isinstance(reply, p.Failure):
         code = reply.code if reply.code in ("file_not_found", "string_not_found", "invalid_tool_input") else "unavailable"
         return Outcome(_editor_error(code, reply.message), sandbox)

@@ -1,8 +1,16 @@
 """The agent that runs inside every sandbox (standard library only).
 
-Started by the server over one attached `docker exec` stream; reads request frames on
-stdin, writes reply frames on the protocol fd. One process serves every call, so a call
-costs a spawn of `bash` and nothing else: no `docker exec` per call.
+It is the sandbox's main process (under its init), started by the loader (bootstrap.py)
+as root with only SETUID, SETGID and KILL: the user's processes, which run as uid 1000,
+cannot signal it, trace it or open its file descriptors (process.py).
+
+Servers reach it through a Unix socket in a directory only root can enter: for each
+connection the server execs a small relay in the sandbox, which hands its stdin and
+stdout to the agent over that socket (SCM_RIGHTS) and waits; the agent then reads request
+frames from the one and writes reply frames to the other, with no copying in between.
+Several connections may be open at once (two servers sharing a sandbox); each has its
+own request ids. One process serves every call, so a call costs a spawn of `bash` and
+nothing else: no `docker exec` per call.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import codecs
 import os
 import resource
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -21,138 +31,103 @@ from typing import Any
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.editor import Editor, EditorError
+from mcp_codeexec.agent.process import CappedBuffer, as_sandbox_user, kill_tree, kill_user_processes, privileged, spawn
 from mcp_codeexec.agent.repl import Repl
-from mcp_codeexec.agent.watch import Watcher
+from mcp_codeexec.agent.watch import RECENT_SCAN_LIMIT, Watcher, recent_files
 
 # After the shell exits, how long to keep reading pipes that background children still
 # hold open before returning (their later output is dropped).
 _DRAIN_AFTER_EXIT = 0.2
 _CHUNK = 65536
 _ARGV_MAX = 100_000
+# A server that stops reading its replies: past this many unsent bytes its connection is
+# dropped rather than grow the agent's memory.
+_MAX_UNSENT = 64 << 20
+_MAX_CONNECTIONS = 16
 
 
-class CappedBuffer:
-    """Keeps the head and the tail of a stream, counts what falls in between."""
+class Call:
+    """One request in flight on one connection: where its replies and events go."""
 
-    def __init__(self, cap: int) -> None:
-        self.head_cap = cap // 2
-        self.tail_cap = cap - self.head_cap
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
+    def __init__(self, connection: Connection, request_id: int) -> None:
+        self.connection = connection
+        self.id = request_id
 
-    def add(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.head_cap - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data:
-            self.tail += data
-            if len(self.tail) > self.tail_cap:
-                del self.tail[: len(self.tail) - self.tail_cap]
+    def send(self, reply: Any) -> None:
+        self.connection.send(self.id, reply)
 
-    def text(self, name: str) -> str:
-        kept = len(self.head) + len(self.tail)
-        if self.total <= kept:
-            return (bytes(self.head) + bytes(self.tail)).decode("utf-8", "replace")
-        omitted = self.total - kept
-        head = bytes(self.head).decode("utf-8", "ignore")
-        tail = bytes(self.tail).decode("utf-8", "ignore")
-        marker = (
-            f"\n[... {omitted} bytes of {name} omitted: {self.total} bytes in all, the sandbox keeps "
-            f"the first {len(self.head)} and the last {len(self.tail)}. Redirect large output to a "
-            f"file and read it in parts (head, tail, grep) ...]\n"
+
+class Connection:
+    """One server's connection: request frames in, reply frames out (non-blocking)."""
+
+    def __init__(self, agent: Agent, sock: socket.socket, in_fd: int, out_fd: int) -> None:
+        self.agent = agent
+        self.sock = sock  # the relay waits until this closes
+        self.in_fd, self.out_fd = in_fd, out_fd
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.transport: asyncio.WriteTransport | None = None
+
+    def send(self, request_id: int, reply: Any) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the server went away; nobody reads this any more
+        transport.write(p.reply_frame(request_id, reply))
+        if transport.get_write_buffer_size() > _MAX_UNSENT:
+            transport.abort()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=p.MAX_FRAME)
+        read_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.in_fd, "rb", buffering=0)
         )
-        return head + marker + tail
-
-
-def _proc_table() -> list[tuple[int, int, int]]:
-    """(pid, ppid, session) of every live process (zombies left out: they cannot be killed
-    and are already dying). os.listdir works on gVisor's /proc."""
-    table = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+        self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(self.out_fd, "wb", buffering=0))
+        decoder = p.FrameDecoder()
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may contain spaces and parens: split after its last ')'.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if fields[0] != b"Z":
-            table.append((int(name), int(fields[1]), int(fields[3])))
-    return table
+            while chunk := await reader.read(_CHUNK):
+                for message in decoder.feed(chunk):
+                    self.dispatch(message)
+        except p.ProtocolError:
+            pass  # a server that speaks garbage is dropped
+        finally:
+            # The server went away: what it started dies with its connection.
+            for task in list(self.tasks.values()):
+                task.cancel()
+            read_transport.close()
+            self.transport.close()
+            self.sock.close()
 
-
-def kill_tree(root: int) -> None:
-    """Kill the shell's session and every descendant (also those that left the session).
-    Each round stops them all before killing, so a fork bomb cannot outrun it; rounds go on
-    until nothing is left, for up to 5 seconds."""
-    me = os.getpid()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:  # the shell's process group, in one atomic step (what a fork bomb stays in)
-            os.killpg(root, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        table = _proc_table()
-        doomed = {pid for pid, _, sid in table if sid == root}
-        doomed.add(root)
-        children: dict[int, list[int]] = {}
-        for pid, ppid, _ in table:
-            children.setdefault(ppid, []).append(pid)
-        stack = list(doomed)
-        while stack:
-            for child in children.get(stack.pop(), []):
-                if child not in doomed:
-                    doomed.add(child)
-                    stack.append(child)
-        doomed -= {me, 1}
-        alive = doomed & {pid for pid, _, _ in table}
-        if not alive:
+    def dispatch(self, message: Any) -> None:
+        try:
+            request_id, request = p.parse_request(message)
+        except (p.ProtocolError, TypeError, KeyError, ValueError, AttributeError) as exc:
+            request_id = message.get("id", 0) if isinstance(message, dict) else 0
+            self.send(request_id if type(request_id) is int else 0, p.Failure("internal", f"bad request: {exc}"))
             return
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for pid in alive:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.01)
-    kill_all_but_agent()  # still not done after 5 s
-
-
-def kill_all_but_agent() -> None:
-    """Stop, then kill, every process in the sandbox but PID 1 and the agent, until none is
-    left (a few rounds: what runs may fork meanwhile)."""
-    spared = {1, os.getpid(), os.getppid()}  # the exec'd agent may sit under a helper process
-    for _ in range(20):
-        doomed = [pid for pid, _, _ in _proc_table() if pid not in spared]
-        if not doomed:
+        if isinstance(request, p.Cancel):
+            task = self.tasks.get(request.target)
+            if task:
+                task.cancel()
+            return  # fire and forget: the cancelled request answers for itself
+        if isinstance(request, p.Reload):
+            self.agent.reload()
             return
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for pid in doomed:
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        time.sleep(0.02)
+        task = asyncio.create_task(self.agent.handle(Call(self, request_id), request))
+        self.tasks[request_id] = task
+        task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
 
 
 class Agent:
-    # For Repl, which cannot import this module (this one imports it).
-    capped = CappedBuffer
-    kill_tree = staticmethod(kill_tree)
-
-    def __init__(self, out_fd: int) -> None:
-        self.out_fd = out_fd
-        self.editor = Editor(root=os.environ.get("MCP_CODEEXEC_ROOT", "/"), workdir=os.getcwd())
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+    def __init__(self, root: str, listener: socket.socket) -> None:
+        self.editor = Editor(root=root, workdir=os.getcwd())
+        self.listener = listener
+        self.connections: set[Connection] = set()
+        self.in_flight = 0
         self.children: dict[int, tuple[subprocess.Popen[bytes], asyncio.Future[int]]] = {}
         self.repl = Repl(self)  # the persistent Python interpreter, started on first use
         self.events: list[str] = []  # files written, in order; events_base counts dropped ones
         self.events_base = 0
+        self.overflowed_at = -1  # the event count when the watcher last lost events
         try:
             self.watcher: Watcher | None = Watcher(self.editor.root)
         except OSError:
@@ -173,43 +148,54 @@ class Agent:
                 if not exited.done():
                     exited.set_result(proc.returncode)
 
-    def send(self, request_id: int, reply: Any) -> None:
-        # One synchronous write loop per frame: frames never interleave (single thread),
-        # and short writes are retried.
-        view = memoryview(p.reply_frame(request_id, reply))
-        while view:
-            n = os.write(self.out_fd, view)
-            view = view[n:]
+    def connect(self, sock: socket.socket, in_fd: int, out_fd: int) -> None:
+        if len(self.connections) >= _MAX_CONNECTIONS:
+            for fd in (in_fd, out_fd):
+                os.close(fd)
+            sock.close()
+            return
+        connection = Connection(self, sock, in_fd, out_fd)
+        self.connections.add(connection)
+        task = asyncio.create_task(connection.serve())
+        task.add_done_callback(lambda _t: self.connections.discard(connection))
 
-    async def serve(self, reader: asyncio.StreamReader) -> None:
-        decoder = p.FrameDecoder()
-        while chunk := await reader.read(_CHUNK):
-            for message in decoder.feed(chunk):
-                try:
-                    request_id, request = p.parse_request(message)
-                except (p.ProtocolError, TypeError, KeyError, ValueError) as exc:
-                    self.send(int(message.get("id", 0)), p.Failure("internal", f"bad request: {exc}"))
-                    continue
-                if isinstance(request, p.Cancel):
-                    task = self.tasks.get(request.target)
-                    if task:
-                        task.cancel()
-                    continue  # fire and forget: the cancelled request answers for itself
-                task = asyncio.create_task(self.handle(request_id, request))
-                self.tasks[request_id] = task
-                task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
-        # stdin closed: the server went away. Leave; commands in flight die with us.
-        for task in list(self.tasks.values()):
-            task.cancel()
+    def hello(self, out_fd: int) -> None:
+        frame = p.hello_frame(AGENT_HASH)
+        while frame:
+            frame = frame[os.write(out_fd, frame) :]
 
-    async def handle(self, request_id: int, request: p.Request) -> None:
+    async def accept(self, listener: socket.socket) -> None:
+        """Take new connections: each brings the relay's stdin and stdout as two fds."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            try:
+                fds = await _receive_fds(sock)
+                self.hello(fds[1])
+            except (OSError, ValueError):
+                sock.close()
+                continue
+            self.connect(sock, *fds)
+
+    def reload(self) -> None:
+        """Become the loader again (a server with other agent code asked): same process,
+        same listening socket; what the user runs now is killed first."""
+        kill_user_processes()
+        self.listener.setblocking(True)
+        os.set_inheritable(self.listener.fileno(), True)
+        os.environ[LISTEN_FD_ENV] = str(self.listener.fileno())
+        os.execv(sys.executable, sys.orig_argv)  # the loader's own command line
+
+    async def handle(self, call: Call, request: p.Request) -> None:
+        self.in_flight += 1
         try:
             if isinstance(request, p.Ping):
                 reply: Any = p.PingResult(p.PROTOCOL_VERSION, sys.version.split()[0], os.getpid(), os.getuid())
             elif isinstance(request, p.Exec):
-                reply = await self.run(request_id, request)
+                reply = await self.run(call, request)
             elif isinstance(request, p.Repl):
-                reply = await self.repl.run(request_id, request)
+                reply = await self.repl.run(call, request)
             elif isinstance(request, p.ReplReset):
                 reply = await self.repl.reset()
             elif isinstance(request, p.Edit):
@@ -222,9 +208,15 @@ class Agent:
             return
         except Exception as exc:  # report, never die: one bad call must not end the agent
             reply = p.Failure("internal", f"{type(exc).__name__}: {exc}")
-        self.send(request_id, reply)
+        finally:
+            self.in_flight -= 1
+        call.send(reply)
 
     def edit(self, request: p.Edit) -> p.EditResult | p.Failure:
+        with as_sandbox_user():
+            return self._edit(request)
+
+    def _edit(self, request: p.Edit) -> p.EditResult | p.Failure:
         try:
             if request.command == "view":
                 return p.EditResult(self.editor.view(request.path, request.view_range))
@@ -237,20 +229,39 @@ class Agent:
             return p.Failure(exc.code, exc.message)
 
     def transfer(self, request: p.ReadFile | p.WriteFile) -> p.FileChunk | p.Written | p.Failure:
+        with as_sandbox_user():  # uploads belong to the user; outputs are read as the user could
+            return self._transfer(request)
+
+    def _transfer(self, request: p.ReadFile | p.WriteFile) -> p.FileChunk | p.Written | p.Failure:
         try:
             if isinstance(request, p.ReadFile):
-                data, size = self.editor.read_chunk(request.path, request.offset, request.length)
+                length = max(0, min(request.length, p.READ_CHUNK))
+                data, size = self.editor.read_chunk(request.path, request.offset, length)
                 return p.FileChunk(base64.b64encode(data).decode("ascii"), size)
             data = base64.b64decode(request.data)
             return p.Written(self.editor.write_chunk(request.path, data, request.offset, request.final, request.mode))
         except EditorError as exc:
             return p.Failure(exc.code, exc.message)
 
-    def written_files(self, since: int) -> list[list[Any]]:
-        """[path, size] of regular files written since event number `since`."""
+    def written_files(self, since: int, started: float) -> tuple[list[list[Any]], str]:
+        """([path, size] of regular files written since event number `since`, a note for the
+        caller if that list may be incomplete). When the watcher lost events (its queue
+        overflowed), the workspace is searched for files modified since `started` (a wall
+        clock time) instead, and the watcher is rebuilt."""
         if self.watcher is None:
-            return []
+            return [], ""
         self.events.extend(self.watcher.drain())
+        if self.watcher.overflowed:
+            self.overflowed_at = self.events_base + len(self.events)
+            self.watcher.close()
+            self.watcher = Watcher(self.editor.root)
+        if since <= self.overflowed_at:
+            found, complete = recent_files(self.editor.root, started)
+            note = (
+                "more files changed than the file watcher could follow; output files were found by modification time"
+                + ("" if complete else f" among the first {RECENT_SCAN_LIMIT} entries of the workspace only")
+            )
+            return found, note
         paths = dict.fromkeys(self.events[since - self.events_base :])
         found = []
         for path in paths:
@@ -260,28 +271,28 @@ class Agent:
                 continue  # written, then removed or renamed
             if stat.S_ISREG(st.st_mode):
                 found.append([path, st.st_size])
-        return found
+        return found, ""
 
     def event_mark(self) -> int:
         """The number of file events seen so far (a call's files are those after its mark)."""
         if self.watcher is None:
             return 0
         self.events.extend(self.watcher.drain())
-        if len(self.tasks) <= 1 or len(self.events) > 100_000:  # only this call runs: drop the old ones
+        if self.in_flight <= 1 or len(self.events) > 100_000:  # only this call runs: drop the old ones
             self.events_base += len(self.events)
             self.events.clear()
         return self.events_base + len(self.events)
 
     def spawn(self, argv: list[str], **kwargs: Any) -> tuple[subprocess.Popen[bytes], asyncio.Future[int]]:
-        """Start a child in its own session (kill_tree's unit); the future gets its exit code."""
-        # No preexec_fn: it would force fork() over vfork(), ~4x slower on gVisor.
-        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        """Start a child as the sandbox user, in its own session (kill_tree's unit); the
+        future gets its exit code."""
+        proc = spawn(argv, **kwargs)
         exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.children[proc.pid] = (proc, exited)
         self.reap()  # it may have exited before it was registered
         return proc, exited
 
-    async def pump(self, request_id: int, name: str, pipe: Any, buffer: CappedBuffer, stream: bool) -> None:
+    async def pump(self, call: Call, name: str, pipe: Any, buffer: CappedBuffer, stream: bool) -> None:
         """Read one output pipe to its end into `buffer` (and Output events if streaming)."""
         reader = asyncio.StreamReader(limit=_CHUNK)
         loop = asyncio.get_running_loop()
@@ -291,12 +302,12 @@ class Agent:
             while chunk := await reader.read(_CHUNK):
                 buffer.add(chunk)
                 if stream:
-                    self.send(request_id, p.Output(name, decoder.decode(chunk)))
+                    call.send(p.Output(name, decoder.decode(chunk)))
         finally:
             transport.close()
 
-    async def run(self, request_id: int, request: p.Exec) -> p.ExecResult:
-        started = time.monotonic()
+    async def run(self, call: Call, request: p.Exec) -> p.ExecResult:
+        started, wall = time.monotonic(), time.time()
         mark = self.event_mark()
         # Popen, not asyncio's subprocess: asyncio's wait() also waits for the pipes to
         # close, so a background child holding stdout would hold the call.
@@ -326,7 +337,7 @@ class Agent:
                         raise
                     # The process limit is full, most likely of what earlier commands left
                     # running in the background (a fork bomb): clear the sandbox and retry.
-                    kill_all_but_agent()
+                    kill_user_processes()
                     await asyncio.sleep(0.3)  # for PID 1 to reap them
                     notice = (
                         "[mcp-codeexec] the sandbox's process limit was full; every process left running by earlier "
@@ -340,7 +351,7 @@ class Agent:
                 os.close(script_fd)
         buffers = {"stdout": CappedBuffer(request.max_output), "stderr": CappedBuffer(request.max_output)}
         pumps = [
-            asyncio.create_task(self.pump(request_id, name, pipe, buffers[name], request.stream))
+            asyncio.create_task(self.pump(call, name, pipe, buffers[name], request.stream))
             for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
         ]
         timed_out = cancelled = False
@@ -360,6 +371,7 @@ class Agent:
             for task in pumps:
                 task.cancel()
         code = exited.result()
+        files, files_note = self.written_files(mark, wall)
         result = p.ExecResult(
             stdout=buffers["stdout"].text("stdout"),
             stderr=notice + buffers["stderr"].text("stderr"),
@@ -369,37 +381,64 @@ class Agent:
             stdout_bytes=buffers["stdout"].total,
             stderr_bytes=buffers["stderr"].total,
             duration=time.monotonic() - started,
-            files=self.written_files(mark),
+            files=files,
+            files_note=files_note,
         )
         if cancelled:
-            self.send(request_id, result)
+            call.send(result)
             raise asyncio.CancelledError
         return result
 
 
-async def _main(in_fd: int, out_fd: int) -> None:
+async def _receive_fds(sock: socket.socket) -> tuple[int, int]:
+    """The relay's stdin and stdout, sent as one byte with two fds (SCM_RIGHTS)."""
+    if privileged():  # the socket's directory is root's alone; check the peer all the same
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != 0:
+            raise ValueError(f"a connection from uid {uid}")
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=p.MAX_FRAME)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(in_fd, "rb", buffering=0))
-    agent = Agent(out_fd)
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(sock, 1, 2, socket.MSG_CMSG_CLOEXEC)
+            break
+        except BlockingIOError:
+            readable = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, 10)
+            finally:
+                loop.remove_reader(sock.fileno())
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a connection must bring two fds")
+    return fds[0], fds[1]
+
+
+AGENT_HASH = ""  # set by main() from what the loader was given
+LISTEN_FD_ENV = "MCP_CODEEXEC_LISTEN_FD"  # the loader takes its listening socket from here
+
+
+async def _serve(agent: Agent, listener: socket.socket, first: tuple[socket.socket, int, int]) -> None:
+    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGCHLD, agent.reap)
-    await agent.serve(reader)
+    agent.connect(*first)
+    await agent.accept(listener)
 
 
-def main() -> None:
+def main(listener: socket.socket, first: tuple[socket.socket, int, int], config: dict[str, Any]) -> None:
+    """Called by the loader with its listening socket, the connection that brought the
+    code, and the server's settings for this sandbox."""
+    global AGENT_HASH
+    AGENT_HASH = str(config["hash"])
     # A per-process address-space limit, inherited by every command: one process that
     # allocates too much gets a clean MemoryError/ENOMEM instead of the host killing the
     # whole sandbox. Set here once because per-command limits would need a preexec_fn.
-    limit = int(os.environ.get("MCP_CODEEXEC_RLIMIT_AS", "0"))
+    limit = int(config.get("rlimit_as") or 0)
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # The protocol owns the original stdout; anything else that writes to fd 1 (a stray
-    # print, a library warning) goes to stderr instead of corrupting frames.
-    out_fd = os.dup(1)
-    os.dup2(2, 1)
+    if privileged():
+        os.setgroups([])  # threads acting as the user must not carry root's groups
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    asyncio.run(_main(0, out_fd))
-
-
-if __name__ == "__main__":
-    main()
+    agent = Agent(str(config["root"]), listener)
+    asyncio.run(_serve(agent, listener, first))

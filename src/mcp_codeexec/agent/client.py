@@ -1,69 +1,104 @@
-"""The server's end of the agent protocol: starts the agent in a sandbox, sends requests,
-matches replies to them by id, and notices when the agent dies."""
+"""The server's end of the agent protocol: connects to the agent in a sandbox (loading or
+reloading its code), sends requests, matches replies to them by id, and notices when the
+connection ends.
+
+Everything that comes out of a sandbox is untrusted: frames are bounded before they are
+buffered, every reply is decoded strictly (protocol.decode_reply) and then checked against
+what its request can produce (sizes, counts, paths inside the workspace). A frame that
+fails any check ends this one connection, with the reason: the calls in flight on it
+fail with AgentDied, the sandbox is restarted by its owner, and nothing reaches any other
+sandbox. serve() never raises (but for cancellation): it is the fault boundary.
+"""
 
 from __future__ import annotations
 
-import itertools
-import json
-from importlib import resources
+import base64
+import binascii
+import logging
+import posixpath
+import secrets
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import anyio
 import anyio.abc
+from pydantic import ValidationError
 
+from mcp_codeexec import wire
 from mcp_codeexec.agent import protocol as p
-from mcp_codeexec.deployment.base import AgentStream
+from mcp_codeexec.agent.bootstrap import load_frame_body, relay_argv
+from mcp_codeexec.deployment.base import AgentStream, Deployment
+from mcp_codeexec.errors import BackendUnavailable, SandboxDied
 
-# The agent's modules, in import order. They are sent over stdin at start, so the agent
-# always matches this server's version and needs nothing in the image but python3.
-_AGENT_MODULES = ["protocol", "editor", "watch", "repl", "agent"]
+log = logging.getLogger(__name__)
 
-# Runs as `python3 -c`: reads a JSON header line naming (module, size) pairs, then the
-# sources, registers them as modules in memory and starts the agent. Reads fd 0 unbuffered
-# so that no byte meant for the agent's own reader is swallowed here.
-_BOOTSTRAP = """
-import json, os, sys, types
-def read(n):
-    b = b""
-    while len(b) < n:
-        c = os.read(0, n - len(b))
-        if not c:
-            sys.exit(3)
-        b += c
-    return b
-line = b""
-while not line.endswith(b"\\n"):
-    line += read(1)
-for pkg in ("mcp_codeexec", "mcp_codeexec.agent"):
-    m = types.ModuleType(pkg); m.__path__ = []; sys.modules[pkg] = m
-for name, size in json.loads(line):
-    m = types.ModuleType(name); sys.modules[name] = m
-    exec(compile(read(size), name.replace(".", "/") + ".py", "exec"), m.__dict__)
-sys.modules["mcp_codeexec.agent.agent"].main()
-"""
+# A frame begun must be finished within this long (the agent writes whole frames at once).
+STALL_TIMEOUT = 30.0
+_MAX_MESSAGE = 64 * 1024  # a failure's message, a files note
+_MAX_PATH = 4096
+_MAX_EVENT = 16 * 65536  # one Output event: a 64 KiB chunk, JSON-escaped at worst
 
 
-def agent_argv() -> list[str]:
-    return ["python3", "-I", "-u", "-c", _BOOTSTRAP]
+class AgentDied(SandboxDied):
+    """The connection to the agent ended: its stream closed, or it sent something no
+    agent would (then `reason` says what)."""
 
 
-def agent_payload() -> bytes:
-    package = resources.files("mcp_codeexec.agent")
-    sources = [(f"mcp_codeexec.agent.{m}", (package / f"{m}.py").read_bytes()) for m in _AGENT_MODULES]
-    header = json.dumps([[name, len(src)] for name, src in sources]).encode() + b"\n"
-    return header + b"".join(src for _, src in sources)
+@dataclass(frozen=True)
+class Bounds:
+    """What a reply may hold, from the sandbox's settings."""
+
+    workdir: str
+
+    def inside(self, path: Any) -> bool:
+        return (
+            isinstance(path, str)
+            and len(path) <= _MAX_PATH
+            and "\x00" not in path
+            and posixpath.normpath(path) == path
+            and path.startswith(self.workdir.rstrip("/") + "/")
+        )
 
 
-class AgentDied(Exception):
-    """The agent's stream ended (the agent or its whole sandbox died)."""
+def check_reply(reply: Any, request: p.Request, bounds: Bounds) -> Any:
+    """`reply` if it is what `request` can get back, else ProtocolError."""
 
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise p.ProtocolError(f"{type(reply).__name__}: {what}")
 
-def _decode(kind: str, body: dict[str, Any], expected: type[Any]) -> Any:
-    if kind == "failure":
-        return p.Failure(**body)
-    if kind == "event":
-        return p.Output(**body)
-    return expected(**body)
+    if isinstance(reply, p.Failure):
+        need(len(reply.code) <= 64 and len(reply.message) <= _MAX_MESSAGE, "oversized failure")
+    elif isinstance(reply, p.Output):
+        need(reply.stream in ("stdout", "stderr") and len(reply.data) <= _MAX_EVENT, "bad output event")
+    elif isinstance(reply, p.ExecResult):
+        # Each stream: the capped bytes (at most one character each once decoded), the
+        # truncation marker, and notices the agent adds.
+        cap = getattr(request, "max_output", 0) + _MAX_MESSAGE
+        need(len(reply.stdout) <= cap and len(reply.stderr) <= cap, "output over its cap")
+        need(0 <= reply.return_code <= 255, f"return code {reply.return_code}")
+        need(reply.stdout_bytes >= 0 and reply.stderr_bytes >= 0 and reply.duration >= 0, "negative count")
+        need(len(reply.files_note) <= _MAX_MESSAGE, "oversized note")
+        for entry in reply.files:
+            need(len(entry) == 2 and bounds.inside(entry[0]), "a file outside the workspace")
+            need(type(entry[1]) is int and entry[1] >= 0, "a file size that is not a size")
+    elif isinstance(reply, p.FileChunk):
+        try:
+            data = base64.b64decode(reply.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise p.ProtocolError("FileChunk: data is not base64") from None
+        need(len(data) <= p.READ_CHUNK and reply.size >= 0, "chunk larger than asked")
+    elif isinstance(reply, p.EditResult):
+        try:
+            wire.editor_result.validate_python(reply.result)
+        except ValidationError as exc:
+            raise p.ProtocolError(f"EditResult: not an editor result ({exc.error_count()} errors)") from None
+    elif isinstance(reply, p.Written):
+        need(reply.size >= 0, "negative size")
+    elif isinstance(reply, p.PingResult):
+        need(reply.protocol == p.PROTOCOL_VERSION, f"protocol {reply.protocol}")
+    return reply
 
 
 _REPLY_TYPES: dict[type[p.Request], type[Any]] = {
@@ -76,64 +111,124 @@ _REPLY_TYPES: dict[type[p.Request], type[Any]] = {
     p.ReplReset: p.ExecResult,
 }
 
+_Waiter = tuple[p.Request, anyio.abc.ObjectSendStream[Any], Callable[[p.Output], None] | None]
+
 
 class AgentClient:
-    """One agent connection. `serve()` must run in a task for replies to arrive."""
+    """One connection to the agent. `serve()` must run in a task for replies to arrive;
+    `connect()` then brings the agent up to this server's code."""
 
-    def __init__(self, stream: AgentStream) -> None:
+    def __init__(self, stream: AgentStream, bounds: Bounds) -> None:
         self.stream = stream
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[type[Any], anyio.abc.ObjectSendStream[Any], Callable[[p.Output], None] | None]] = {}
+        self.bounds = bounds
+        # Ids start at random: a reply still in flight from another connection cannot
+        # pass for one of ours.
+        self._next_id = secrets.randbelow(1 << 40)
+        self._waiting: dict[int, _Waiter] = {}
         self._send_lock = anyio.Lock()
+        self._hello: p.Hello | None = None
+        self._hello_seen = anyio.Event()
         self.closed = anyio.Event()
         self.death: str = ""
 
-    async def start(self) -> None:
-        await self.stream.send(agent_payload())
+    # --- the connection -------------------------------------------------------------
+
+    async def connect(self, config: dict[str, Any]) -> bool:
+        """Wait for the sandbox's hello and bring the agent up to this server's code and
+        config. True when it is ready; False when it was told to reload (this connection
+        then ends: connect again)."""
+        body, digest = load_frame_body(config)
+        with anyio.fail_after(30):
+            await self._hello_seen.wait()
+        hello = self._hello
+        if hello is None:
+            raise AgentDied(self.death or "the sandbox closed the connection before its hello")
+        if hello.agent == digest:
+            return True
+        if hello.agent is None:
+            await self._send(p.encode(body))
+            return True
+        await self._send(p.request_frame(self._new_id(), p.Reload()))
+        return False
 
     async def serve(self) -> None:
-        decoder = p.FrameDecoder()
+        """Read frames until the stream ends or a frame is not what an agent sends. Never
+        raises (but for cancellation): whatever one sandbox sends stays with its sandbox."""
+        decoder = p.FrameDecoder(p.MAX_REPLY_FRAME)
         try:
             while True:
-                chunk = await self.stream.receive()
+                with anyio.fail_after(STALL_TIMEOUT) if decoder.pending else nullcontext():
+                    chunk = await self.stream.receive()
                 for message in decoder.feed(chunk):
                     self._dispatch(message)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self.death = f"agent stream ended ({type(exc).__name__})"
+            self.death = self.death or f"agent stream ended ({type(exc).__name__})"
+        except TimeoutError:
+            self.death = f"the sandbox's agent stalled in the middle of a frame for {STALL_TIMEOUT:g} s"
         except p.ProtocolError as exc:
-            self.death = f"agent protocol error: {exc}"
+            self.death = f"the sandbox's agent sent a malformed frame ({str(exc)[:300]})"
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave this sandbox either
+            log.exception("agent connection: unexpected error")
+            self.death = f"internal error on the agent connection ({type(exc).__name__})"
         finally:
             self.closed.set()
+            self._hello_seen.set()
             for _, send, _ in self._waiting.values():
                 send.close()
             self._waiting.clear()
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        entry = self._waiting.get(int(message.get("id", -1)))
+    def _dispatch(self, message: Any) -> None:
+        if self._hello is None and not self._hello_seen.is_set():
+            self._hello = p.decode_hello(message)
+            self._hello_seen.set()
+            return
+        request_id = message.get("id") if isinstance(message, dict) else None
+        entry = self._waiting.get(request_id) if type(request_id) is int else None
         if entry is None:
-            return  # a reply to a request nobody waits for any more
-        expected, send, on_output = entry
-        reply = _decode(message.get("kind", ""), message.get("body", {}), expected)
+            # Not ours (forged, or for a request nobody waits for any more): checked all
+            # the same, so garbage cannot hide behind an unknown id, then dropped.
+            self._check_shape(message)
+            return
+        request, send, on_output = entry
+        _, reply = p.decode_reply(message, _REPLY_TYPES[type(request)])
+        reply = check_reply(reply, request, self.bounds)
         if isinstance(reply, p.Output):
             if on_output is not None:
-                on_output(reply)
+                try:
+                    on_output(reply)
+                except Exception:  # noqa: BLE001 - a progress hiccup must not end the call
+                    log.exception("progress callback failed")
             return
-        self._waiting.pop(int(message["id"]))
+        del self._waiting[request_id]
         send.send_nowait(reply)
         send.close()
+
+    @staticmethod
+    def _check_shape(message: Any) -> None:
+        if not isinstance(message, dict) or set(message) != {"id", "kind", "body"} or type(message["id"]) is not int:
+            raise p.ProtocolError("a frame that is not a reply")
+
+    # --- requests -------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def _send(self, frame: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send(frame)
 
     async def request(self, request: p.Request, on_output: Callable[[p.Output], None] | None = None) -> Any:
         """Send one request and wait for its reply (a result dataclass or p.Failure)."""
         if self.closed.is_set():
             raise AgentDied(self.death or "agent is not running")
-        request_id = next(self._ids)
+        request_id = self._new_id()
         send, receive = anyio.create_memory_object_stream[Any](1)
-        self._waiting[request_id] = (_REPLY_TYPES[type(request)], send, on_output)
+        self._waiting[request_id] = (request, send, on_output)
         try:
-            async with self._send_lock:
-                await self.stream.send(p.request_frame(request_id, request))
+            await self._send(p.request_frame(request_id, request))
             async with receive:
                 try:
                     return await receive.receive()
@@ -144,11 +239,40 @@ class AgentClient:
         except anyio.get_cancelled_exc_class():
             # The caller gave up (client cancellation, backstop): kill the command too.
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                async with self._send_lock:
-                    await self.stream.send(p.request_frame(next(self._ids), p.Cancel(target=request_id)))
+                try:
+                    await self._send(p.request_frame(self._new_id(), p.Cancel(target=request_id)))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
             raise
         finally:
             self._waiting.pop(request_id, None)
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+
+async def connect_agent(
+    deployment: Deployment, name: str, task_group: anyio.abc.TaskGroup, config: dict[str, Any]
+) -> AgentClient:
+    """A live connection to the agent of the running sandbox `name`, running this server's
+    code with `config` ({"root": workspace, "rlimit_as": bytes}), loaded or reloaded as
+    needed. Its serve() runs in `task_group` (it never raises)."""
+    for _ in range(3):
+        stream = await deployment.open_agent(name, relay_argv())
+        agent = AgentClient(stream, Bounds(str(config["root"])))
+        task_group.start_soon(agent.serve)
+        try:
+            if not await agent.connect(config):
+                await agent.closed.wait()  # told to reload: it closes; connect again
+                continue
+            with anyio.fail_after(30):
+                reply = await agent.request(p.Ping())
+        except (TimeoutError, AgentDied) as exc:
+            await agent.aclose()
+            raise BackendUnavailable(f"the sandbox's agent did not start: {agent.death or exc}") from None
+        if isinstance(reply, p.Failure):
+            await agent.aclose()
+            raise BackendUnavailable(f"the sandbox's agent did not start properly: {reply.message[:300]}")
+        return agent
+    raise BackendUnavailable("the sandbox's agent kept asking to reload")

@@ -6,6 +6,15 @@ dataclasses, carried as length-prefixed JSON frames.
 
 Frame: 4-byte big-endian length, then that many bytes of UTF-8 JSON. Lengths make the
 stream robust to short reads and writes (gVisor cuts pipe writes at 64 KiB).
+
+A connection opens with a frame from the sandbox's side: `{"kind": "hello", "body": {"agent":
+null | "<hash of the agent's code>", "protocol": N}}` (null: only the loader runs and waits
+for the code). Requests are `{"id", "op", "args"}`; replies `{"id", "kind": "result" |
+"failure" | "event", "body"}`.
+
+The server trusts nothing the sandbox sends: `decode_reply` checks every field's type
+exactly (an int is not a bool, a list holds what it should), and the server's decoder
+bounds frames at MAX_REPLY_FRAME.
 """
 
 from __future__ import annotations
@@ -16,8 +25,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
-MAX_FRAME = 64 * 1024 * 1024
+PROTOCOL_VERSION = 2
+MAX_FRAME = 64 * 1024 * 1024  # what the agent accepts (uploads come in 4 MiB chunks)
+READ_CHUNK = 2 << 20  # a ReadFile reply carries at most this many bytes (base64: 4/3 more)
+# The largest reply the server accepts: a ReadFile chunk in base64, or two capped output
+# streams whose every byte JSON escapes to 6 (\u00XX) plus the file list.
+MAX_REPLY_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
 
@@ -72,7 +85,7 @@ class ReadFile(Request):
     op: ClassVar[str] = "read_file"
     path: str
     offset: int = 0
-    length: int = 4 << 20
+    length: int = READ_CHUNK
 
 
 @dataclass
@@ -122,12 +135,29 @@ class ReplReset(Request):
     op: ClassVar[str] = "repl_reset"
 
 
+@dataclass
+class Reload(Request):
+    """The agent's code differs from the server's: kill the user's processes, then replace
+    the agent by the loader (same process, same listening socket), which waits for code on
+    the next connection. No reply: the connection closes."""
+
+    op: ClassVar[str] = "reload"
+
+
 REQUESTS: dict[str, type[Request]] = {
-    cls.op: cls for cls in (Ping, Exec, Edit, ReadFile, WriteFile, Cancel, Repl, ReplReset)
+    cls.op: cls for cls in (Ping, Exec, Edit, ReadFile, WriteFile, Cancel, Repl, ReplReset, Reload)
 }
 
 
 # --- replies (agent -> server) ------------------------------------------------------------
+
+
+@dataclass
+class Hello:
+    """The first frame on a connection, from the sandbox's side."""
+
+    agent: str | None  # sha256 of the agent's code; None while only the loader runs
+    protocol: int
 
 
 @dataclass
@@ -154,6 +184,8 @@ class ExecResult:
     # Regular files written or moved into the workspace while the command ran, as
     # [path, size] pairs (see agent/watch.py for what counts).
     files: list[list[Any]] = field(default_factory=list)
+    # Set when `files` may be incomplete (the watcher lost events): says what was done.
+    files_note: str = ""
 
 
 @dataclass
@@ -207,6 +239,10 @@ def reply_frame(request_id: int, reply: Any) -> bytes:
     return encode({"id": request_id, "kind": kind, "body": dataclasses.asdict(reply)})
 
 
+def hello_frame(agent: str | None) -> bytes:
+    return encode({"kind": "hello", "body": dataclasses.asdict(Hello(agent, PROTOCOL_VERSION))})
+
+
 def parse_request(message: dict[str, Any]) -> tuple[int, Request]:
     cls = REQUESTS.get(message.get("op", ""))
     if cls is None:
@@ -214,19 +250,89 @@ def parse_request(message: dict[str, Any]) -> tuple[int, Request]:
     return int(message["id"]), cls(**message.get("args", {}))
 
 
+# --- strict decoding of what the sandbox sends -----------------------------------------
+
+_SCALARS: dict[str, Any] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: type(v) is int,
+    "bool": lambda v: type(v) is bool,
+    "float": lambda v: type(v) in (int, float) and v == v and abs(v) != float("inf"),
+    "None": lambda v: v is None,
+    "Any": lambda v: True,
+}
+
+
+def _conforms(annotation: str, value: Any) -> bool:
+    """Does `value` (from JSON) have the type the annotation string names? Understands the
+    few forms the reply dataclasses use: scalars, `X | None`, list[X], dict[str, X]."""
+    annotation = annotation.strip()
+    if "|" in annotation:
+        return any(_conforms(part, value) for part in annotation.split("|"))
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        return isinstance(value, list) and all(_conforms(annotation[5:-1], v) for v in value)
+    if annotation.startswith("dict[str,") and annotation.endswith("]"):
+        inner = annotation[len("dict[str,") : -1]
+        return isinstance(value, dict) and all(isinstance(k, str) and _conforms(inner, v) for k, v in value.items())
+    return _SCALARS[annotation](value)
+
+
+def decode_body(cls: type[Any], body: Any) -> Any:
+    """An instance of dataclass `cls` from a JSON object, or ProtocolError: no unknown
+    field, none missing that has no default, every value exactly of its field's type."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{cls.__name__}: body is not an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(unknown)[:5]}")
+    for name, f in fields.items():
+        if name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
+        elif not _conforms(str(f.type), body[name]):
+            raise ProtocolError(f"{cls.__name__}.{name}: not a {f.type}")
+    return cls(**body)
+
+
+def decode_reply(message: Any, expected: type[Any]) -> tuple[int, Any]:
+    """(request id, reply) from one agent frame: `expected`, Failure, or Output."""
+    if not isinstance(message, dict) or set(message) != {"id", "kind", "body"}:
+        raise ProtocolError("a reply frame must have exactly id, kind and body")
+    request_id, kind = message["id"], message["kind"]
+    if type(request_id) is not int:
+        raise ProtocolError("reply id is not an integer")
+    cls = {"result": expected, "failure": Failure, "event": Output}.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown reply kind {str(kind)[:40]!r}")
+    return request_id, decode_body(cls, message["body"])
+
+
+def decode_hello(message: Any) -> Hello:
+    if not isinstance(message, dict) or set(message) != {"kind", "body"} or message["kind"] != "hello":
+        raise ProtocolError("the first frame must be a hello")
+    return decode_body(Hello, message["body"])  # type: ignore[no-any-return]
+
+
 class FrameDecoder:
-    """Incremental decoder: feed bytes as they arrive, take whole messages out."""
+    """Incremental decoder: feed bytes as they arrive, take whole messages out. Frames
+    over `max_frame` are refused from their header on, before their body is buffered."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buffer = bytearray()
+        self.max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held (0 between frames)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Any]:
         self._buffer += data
         messages = []
         while len(self._buffer) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME:
-                raise ProtocolError(f"frame length {length} exceeds {MAX_FRAME}")
+            if length > self.max_frame:
+                raise ProtocolError(f"frame length {length} exceeds {self.max_frame}")
             end = _HEADER.size + length
             if len(self._buffer) < end:
                 break
@@ -234,6 +340,6 @@ class FrameDecoder:
             del self._buffer[:end]
             try:
                 messages.append(json.loads(body))
-            except ValueError as exc:
-                raise ProtocolError(f"bad frame body: {exc}") from exc
+            except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested deep
+                raise ProtocolError(f"bad frame body: {str(exc)[:200]}") from exc
         return messages

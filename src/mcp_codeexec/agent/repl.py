@@ -35,8 +35,10 @@ import time
 from typing import Any
 
 from mcp_codeexec.agent import protocol as p
+from mcp_codeexec.agent.process import CappedBuffer, kill_tree
 
 _DRAIN_AFTER_EXIT = 0.2
+_MAX_RC_DIGITS = 3  # the driver answers 0..255
 TIMEOUT_RETURN_CODE = 124  # timeout_is_result: as coreutils `timeout` reports a limit hit
 KILLED_RETURN_CODE = 137  # 128 + SIGKILL
 
@@ -167,8 +169,8 @@ def _append(text: str, note: str) -> str:
 
 
 class Repl:
-    """The agent's side. `agent` provides spawn(), pump(), send(), event_mark(),
-    written_files(), capped (CappedBuffer) and kill_tree (see agent.py)."""
+    """The agent's side. `agent` (agent.py) provides spawn(), pump(), event_mark() and
+    written_files(); `call` is the request's (its send() carries replies)."""
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
@@ -202,7 +204,7 @@ class Repl:
             return 0
         exited, sock = self.exited, self.sock
         assert exited is not None and sock is not None
-        self.agent.kill_tree(proc.pid)
+        kill_tree(proc.pid)
         status = _status(await exited)
         if self.proc is proc:
             sock.close()
@@ -210,27 +212,32 @@ class Repl:
         return status
 
     async def _exchange(self, sock: socket.socket, code: str) -> int | None:
-        """Send the cell and wait for its return code; None if the driver went away."""
+        """Send the cell and wait for its return code; None if the driver went away, or
+        answered something that is not a return code: the driver runs as the user and its
+        socket is the user's to write into, so its answer is checked like any input."""
         loop = asyncio.get_running_loop()
         body = code.encode("utf-8", "surrogatepass")
         try:
             await loop.sock_sendall(sock, len(body).to_bytes(4, "big") + body)
             data = b""
             while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+                if len(data) >= 4 and int.from_bytes(data[:4], "big") > _MAX_RC_DIGITS:
+                    return None
                 chunk = await loop.sock_recv(sock, 4096)
                 if not chunk:
                     return None
                 data += chunk
         except OSError:
             return None
-        return int(data[4:])
+        text = data[4:].decode("ascii", "replace")
+        return int(text) if text.isdigit() and int(text) <= 255 else None
 
-    async def run(self, request_id: int, request: p.Repl) -> p.ExecResult:
+    async def run(self, call: Any, request: p.Repl) -> p.ExecResult:
         async with self.lock:
-            return await self._run(request_id, request)
+            return await self._run(call, request)
 
-    async def _run(self, request_id: int, request: p.Repl) -> p.ExecResult:
-        started = time.monotonic()
+    async def _run(self, call: Any, request: p.Repl) -> p.ExecResult:
+        started, wall = time.monotonic(), time.time()
         mark = self.agent.event_mark()  # files the cell writes are reported, as for commands
         prefix = ""
         if self.exited is not None and self.exited.done():  # died between cells
@@ -243,14 +250,14 @@ class Repl:
             self._start(request)
         proc, exited, sock = self.proc, self.exited, self.sock
         assert exited is not None and sock is not None
-        buffers = {name: self.agent.capped(request.max_output) for name in ("stdout", "stderr")}
+        buffers = {name: CappedBuffer(request.max_output) for name in ("stdout", "stderr")}
         pumps, ends, sent = [], [], False
         try:
             for name in ("stdout", "stderr"):
                 r, w = os.pipe()
                 ends.append(w)
                 pipe = open(r, "rb", buffering=0)
-                pump = self.agent.pump(request_id, name, pipe, buffers[name], request.stream)
+                pump = self.agent.pump(call, name, pipe, buffers[name], request.stream)
                 pumps.append(asyncio.create_task(pump))
             socket.send_fds(sock, [b"C"], ends)  # one byte: never blocks on an idle channel
             sent = True
@@ -292,6 +299,7 @@ class Repl:
         if died:
             stderr = _append(stderr, f"[mcp-codeexec] {note}; {RESET}")
         assert rc is not None
+        files, files_note = self.agent.written_files(mark, wall)
         result = p.ExecResult(
             stdout=buffers["stdout"].text("stdout"),
             stderr=prefix + stderr,
@@ -302,10 +310,11 @@ class Repl:
             stderr_bytes=buffers["stderr"].total,
             duration=time.monotonic() - started,
             state_reset=died or bool(prefix),
-            files=self.agent.written_files(mark),
+            files=files,
+            files_note=files_note,
         )
         if cancelled:
-            self.agent.send(request_id, result)
+            call.send(result)
             raise asyncio.CancelledError
         return result
 
@@ -314,7 +323,7 @@ class Repl:
         started = time.monotonic()
         was_running = self.exited is not None and not self.exited.done()
         if self.proc is not None:
-            self.agent.kill_tree(self.proc.pid)
+            kill_tree(self.proc.pid)
         async with self.lock:
             await self._stop(self.proc)
         return p.ExecResult("", "", 0, False, False, 0, 0, time.monotonic() - started, state_reset=was_running)

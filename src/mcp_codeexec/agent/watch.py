@@ -25,6 +25,7 @@ _IN_Q_OVERFLOW = 0x4000
 _MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE_SELF
 _EVENT = struct.Struct("iIII")
 _MAX_WATCHES = 20000
+RECENT_SCAN_LIMIT = 200_000  # entries recent_files() looks at, at most
 
 
 def _hidden_or_excluded(name: str) -> bool:
@@ -76,6 +77,9 @@ class Watcher:
             except OSError:
                 pass
 
+    def close(self) -> None:
+        os.close(self.fd)
+
     def drain(self) -> set[str]:
         """Paths (absolute) written or moved in since the last drain."""
         while True:
@@ -105,3 +109,28 @@ class Watcher:
                     self._pending.add(path)
         written, self._pending = self._pending, set()
         return written
+
+
+def recent_files(root: str, since: float) -> tuple[list[list[object]], bool]:
+    """([path, size] of visible regular files under root modified at or after `since`,
+    whether every entry was looked at): the fallback when the watcher lost events."""
+    found: list[list[object]] = []
+    stack, seen = [root], 0
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > RECENT_SCAN_LIMIT:
+                        return found, False
+                    if _hidden_or_excluded(entry.name):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_mtime >= since - 1:  # coarse file-system clocks
+                            found.append([entry.path, st.st_size])
+        except OSError:
+            continue
+    return found, True

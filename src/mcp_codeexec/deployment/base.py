@@ -6,16 +6,17 @@ import abc
 from dataclasses import dataclass, field
 
 
-class BackendUnavailable(Exception):
-    """The engine cannot serve right now (down, runtime missing, image missing)."""
+from mcp_codeexec.errors import BackendUnavailable, NameTaken, SandboxGone
+
+__all__ = ["BackendUnavailable", "NameTaken", "SandboxGone"]  # re-exported for backends
 
 
-class SandboxGone(Exception):
-    """The named sandbox does not exist (any more)."""
-
-
-class NameTaken(Exception):
-    """A sandbox of that name exists already (a rename lost a race)."""
+# The sandbox's own processes (its init and the agent) run as root inside the sandbox
+# with only these capabilities, under no-new-privileges; the user's run as uid 1000 with
+# none (agent/process.py). The agent's socket lives in a root-only tmpfs at AGENT_DIR.
+AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
+AGENT_DIR = "/run/mcp-codeexec"
+SANDBOX_USER = "1000:1000"
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class SandboxSpec:
     pids_limit: int
     workdir: str
     tmp_bytes: int
-    user: str = "1000:1000"
+    command: tuple[str, ...]  # the main process: the agent's loader (agent/bootstrap.py)
     labels: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -126,5 +127,6 @@ class Deployment(abc.ABC):
         """How many agent streams (of any server process) are open into the sandbox."""
 
     @abc.abstractmethod
-    async def open_agent(self, name: str, argv: list[str], env: dict[str, str]) -> AgentStream:
-        """Start `argv` inside the running sandbox with stdin/stdout attached."""
+    async def open_agent(self, name: str, argv: list[str]) -> AgentStream:
+        """Start `argv` (the relay) inside the running sandbox, as root, with its stdin
+        and stdout attached."""

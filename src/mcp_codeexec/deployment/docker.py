@@ -26,6 +26,9 @@ import requests.exceptions
 
 from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.deployment.base import (
+    AGENT_CAPABILITIES,
+    AGENT_DIR,
+    SANDBOX_USER,
     AgentStream,
     BackendInfo,
     BackendUnavailable,
@@ -175,7 +178,7 @@ class DockerDeployment(Deployment):
             # --- quota: the workspace is an ext4 filesystem of its own (deployment/quota.py)
             if self.quota is not None:
                 self._collect_orphans()
-                uid, _, gid = spec.user.partition(":")
+                uid, _, gid = SANDBOX_USER.partition(":")
                 options = self.quota.create(volume, int(uid), int(gid or uid))
                 try:
                     self.api.create_volume(volume, driver="local", driver_opts=options, labels={**spec.labels, **self.quota.labels(volume)})
@@ -190,9 +193,13 @@ class DockerDeployment(Deployment):
                 runtime=spec.runtime,
                 network_mode="none",
                 cap_drop=["ALL"],
+                cap_add=list(AGENT_CAPABILITIES),  # the agent's; commands run with none
                 security_opt=["no-new-privileges"],
                 read_only=True,
                 init=True,  # tini as PID 1 reaps orphans of killed commands
+                # Only root's processes (init, agent) write here, and rarely: a small,
+                # fixed bound on the host all the same.
+                log_config=docker.types.LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
                 mem_limit=spec.memory_bytes,
                 memswap_limit=spec.memory_bytes,
                 nano_cpus=int(spec.cpus * 1e9),
@@ -205,13 +212,14 @@ class DockerDeployment(Deployment):
                 tmpfs={
                     "/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777",
                     "/home/sandbox": f"rw,nosuid,nodev,size={spec.tmp_bytes},uid=1000,gid=1000,mode=0755",
+                    AGENT_DIR: "rw,nosuid,nodev,noexec,size=1m,mode=0700",
                 },
             )
             self.api.create_container(
                 spec.image,
-                command=["sleep", "infinity"],
+                command=list(spec.command),
                 name=spec.name,
-                user=spec.user,
+                user="0:0",
                 working_dir=spec.workdir,
                 environment=spec.env,
                 labels={**spec.labels, VOLUME_LABEL: volume},
@@ -341,7 +349,7 @@ class DockerDeployment(Deployment):
 
         return await self._call(count)
 
-    async def open_agent(self, name: str, argv: list[str], env: dict[str, str]) -> AgentStream:
+    async def open_agent(self, name: str, argv: list[str]) -> AgentStream:
         try:
             status, body, _ = await _http(
                 f"/containers/{name}/exec",
@@ -351,7 +359,7 @@ class DockerDeployment(Deployment):
                     "AttachStderr": True,
                     "Tty": False,
                     "Cmd": argv,
-                    "Env": [f"{k}={v}" for k, v in env.items()],
+                    "User": "0:0",
                 },
             )
             if status == 404:
