@@ -32,8 +32,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpus", type=float, default=d.cpus, help=f"CPUs per sandbox (default {d.cpus:g})")
     ap.add_argument("--pids", type=int, default=d.pids_limit, help=f"process limit per sandbox (default {d.pids_limit})")
     ap.add_argument("--disk", default="5g", help="workspace disk quota per sandbox, enforced with ENOSPC (default 5g; 0: none). "
-                    "Needs root, losetup and mkfs.ext4; without them the server warns and runs without a quota")
-    ap.add_argument("--quota-dir", default=d.quota_dir, help=f"where quota-backed workspaces' filesystems live (default {d.quota_dir})")
+                    "Loop devices are attached as root, or else through the engine (helper containers); "
+                    "without either the server warns and runs without a quota (see `mcp-codeexec doctor`)")
+    ap.add_argument("--quota-dir", default=d.quota_dir, help="where quota-backed workspaces' filesystems live (default "
+                    "/var/lib/mcp-codeexec/workspaces as root, else ~/.local/share/mcp-codeexec/workspaces)")
     ap.add_argument("--timeout", type=float, default=d.timeout, metavar="SECONDS", help=f"time limit per call (default {d.timeout:g})")
     ap.add_argument("--max-output", default=str(d.max_output_bytes), metavar="BYTES",
                     help=f"stdout/stderr cap per call and stream, head and tail kept (default {d.max_output_bytes})")

@@ -62,7 +62,9 @@ class Settings(BaseModel):
     idle_stop: float = 900.0  # seconds without a call before a container is stopped (files kept)
     reap_interval: float = 60.0
     disk_bytes: int = Field(default=5 << 30, ge=0)  # workspace disk quota per sandbox; 0: none
-    quota_dir: str = "/var/lib/mcp-codeexec/workspaces"  # where quota-backed workspaces' filesystems live
+    # Where quota-backed workspaces' filesystems live ("" = /var/lib/mcp-codeexec/workspaces
+    # for root, else <XDG data directory>/mcp-codeexec/workspaces: deployment/quota.py).
+    quota_dir: str = ""
     data_dir: str = ""  # where files are kept on the host ("" = the XDG data directory)
     max_file_bytes: int = 64 << 20  # an output file larger than this is not registered
     max_output_files: int = 50  # output files registered per call

@@ -3,8 +3,9 @@ command that fixes it.
 
 Checks, in order: the Docker Engine; the gVisor runtime registered with it (its binary,
 release, platform, network setting); a sandbox actually starting under it; the sandbox
-image and its manifest; the workspace disk quota mechanism (root, losetup, mkfs.ext4,
-loop devices: a small filesystem is made, attached and removed).
+image and its manifest; the workspace disk quota mechanism (losetup as root here, or
+through the engine in helper containers; mkfs.ext4; loop devices: a small filesystem is
+made, attached and removed).
 
 Exit status: 0 when the server can run sandboxes here (warnings allowed: e.g. no disk
 quota, which the server then runs without), 1 when something essential is missing.
@@ -162,42 +163,61 @@ def check_image(r: Report, api: docker.APIClient, image: str) -> bool:
     return True
 
 
-def check_quota(r: Report, api: docker.APIClient | None, size: int, directory: str) -> None:
+def check_quota(r: Report, api: docker.APIClient | None, size: int, directory: str, image: str) -> None:
     if size <= 0:
         r.warn("disk quota", "off (--disk 0): a workspace can fill the host's disk")
         return
-    reason = q.probe(directory)
-    if reason is not None:
+
+    def engine() -> docker.APIClient:
+        if api is None:
+            raise RuntimeError("the Docker Engine is not reachable")
+        return api
+
+    try:
+        quota = q.setup(16 << 20, directory, image, engine)
+    except q.QuotaUnavailable as exc:
+        reason = str(exc)
         fixes = {
-            "not running as root": "run the server (and this check) as root",
-            "losetup": "apt-get install util-linux",
-            "mkfs.ext4": "apt-get install e2fsprogs",
-            "debugfs": "apt-get install e2fsprogs",
+            "cannot create": "pass --quota-dir with a directory this user can write",
+            "not writable": "pass --quota-dir with a directory this user can write",
             "loop-control": "modprobe loop (a VM or container may need its host to allow loop devices)",
+            "e2fsprogs": "apt-get install e2fsprogs",
+            "losetup": "apt-get install mount (or use a helper image with util-linux)",
+            "does not see the quota directory": "put --quota-dir on a volume or bind mount of the server's container",
+            "is in the server's own container": "put --quota-dir on a volume or bind mount of the server's container",
+            "helper image": f"build the sandbox image: {BUILD}",
+            "not reachable": "let this user use the engine (the docker group), or run the server as root",
         }
-        fix = next((v for k, v in fixes.items() if k in reason), None)
+        fix = next((v for k, v in fixes.items() if k in reason), "run the server as root, or as a user who may use the engine")
         r.warn("disk quota", f"not possible here: {reason}; the server runs without a workspace quota", fix)
         return
-    # A real one, end to end on the host side: make, attach, release.
-    quota = q.WorkspaceQuota(16 << 20, directory)
+    # A real one, end to end: make, attach, check, release.
     volume = f"mcp-codeexec-doctor-{secrets.token_hex(4)}"
     try:
+        started = time.monotonic()
         options = quota.create(volume)
+        made = time.monotonic() - started
         attached = quota.attached(volume)
+        started = time.monotonic()
         quota.release(volume)
+        released = time.monotonic() - started
     except q.QuotaError as exc:
-        r.warn("disk quota", f"a test filesystem could not be made and attached: {exc}",
+        r.warn("disk quota", f"a test filesystem could not be made and attached ({quota.how}): {exc}",
                "check that loop devices can be attached here (losetup -f)")
         return
-    detail = (f"{format_size(size)} per workspace: ext4 in a sparse file on a loop device, under {directory} "
-              f"(test: mount options {options['o']}, attached {'yes' if attached else 'NO'})")
+    how = "by this server (root)" if quota.how == "direct" else f"through the engine (helper containers of {image})"
+    on_host = quota.paths.to_host(quota.directory)
+    where = quota.directory if on_host == quota.directory else f"{quota.directory} (on the engine's host: {on_host})"
+    detail = (f"{format_size(size)} per workspace: ext4 in a sparse file on a loop device attached {how}, "
+              f"under {where} (test: made and attached in {made:.2f}s, released in {released:.2f}s, "
+              f"mount options {options['o']}, attached {'yes' if attached else 'NO'})")
     (r.ok if attached else r.warn)("disk quota", detail)
     if api is not None:
         try:
             existing = {v["Name"] for v in api.volumes().get("Volumes") or []}
             orphans = quota.orphans(existing, min_age=0)
             if orphans:
-                r.warn("disk quota", f"{len(orphans)} workspace filesystems under {directory} have no volume any more "
+                r.warn("disk quota", f"{len(orphans)} workspace filesystems under {quota.directory} have no volume any more "
                        "(the server releases them within 10 minutes of its next sandbox)")
         except docker.errors.APIError:
             pass
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", default=d.image, help=f"sandbox image (default {d.image})")
     ap.add_argument("--runtime", default=d.runtime, help=f"OCI runtime for sandboxes (default {d.runtime})")
     ap.add_argument("--disk", default="5g", help="workspace quota to check for (default 5g; 0: none)")
-    ap.add_argument("--quota-dir", default=d.quota_dir, help=f"(default {d.quota_dir})")
+    ap.add_argument("--quota-dir", default=d.quota_dir or q.default_dir(), help=f"(default {d.quota_dir or q.default_dir()})")
     ap.add_argument("--quick", action="store_true", help="do not start a sandbox")
     args = ap.parse_args(argv)
 
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if runtime_ok and image_ok and not args.quick:
             check_start(r, api, args.runtime, args.image)
             r.print()
-    check_quota(r, api, parse_size(args.disk), args.quota_dir)
+    check_quota(r, api, parse_size(args.disk), args.quota_dir, args.image)
     r.print()
     if r.failed:
         print(f"\n{r.failed} essential problem(s): sandboxes cannot run here until fixed.")

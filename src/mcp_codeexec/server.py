@@ -30,7 +30,7 @@ from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import Deployment
 from mcp_codeexec.errors import BackendUnavailable, CodeExecError, FileNotFound, InvalidToolInput
 from mcp_codeexec.deployment.docker import DockerDeployment
-from mcp_codeexec.deployment.quota import workspace_quota
+from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.image import read_manifest
 from mcp_codeexec.sandbox import Sandbox
 from mcp_codeexec.prompt import PROMPT_NAME, PROMPT_URI, ImageFacts, system_prompt
@@ -251,7 +251,8 @@ def build_server(
         if shared:
             yield shared[0]
             return
-        backend = deployment or DockerDeployment(settings.runtime, quota=workspace_quota(settings.disk_bytes, settings.quota_dir))
+        wanted = q.Wanted(settings.disk_bytes, settings.quota_dir or q.default_dir(), settings.image)
+        backend = deployment or DockerDeployment(settings.runtime, wanted=wanted)
         isolation = f"{settings.runtime} (not checked yet)"
         try:
             info = await backend.check(settings.image)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import time
 from functools import partial
 from typing import Any, Callable, TypeVar
@@ -127,9 +128,12 @@ async def _http(path: str, body: dict[str, Any], *, upgrade: bool = False) -> tu
 
 
 class DockerDeployment(Deployment):
-    def __init__(self, runtime: str = "runsc", quota: q.WorkspaceQuota | None = None) -> None:
+    def __init__(self, runtime: str = "runsc", quota: q.WorkspaceQuota | None = None, *,
+                 wanted: q.Wanted | None = None) -> None:
         self.runtime = runtime
         self.quota = quota  # workspace disk quota (deployment/quota.py); None: no quota
+        self._wanted = wanted  # a quota to set up once the engine answers (it may do the root part)
+        self._wanted_lock = threading.Lock()
         self._api: docker.APIClient | None = None
         self._collected_at = -1e9  # when orphaned quota filesystems were last released
 
@@ -164,6 +168,7 @@ class DockerDeployment(Deployment):
                 await self._call(self.api.inspect_image, image)
             except SandboxGone:
                 raise BackendUnavailable(f"sandbox image {image!r} not found; build it with sandbox/build.sh") from None
+        await self._call(self._set_up_quota)
         isolation = (
             "gVisor (runsc): each sandbox runs on its own user-space kernel"
             if self.runtime == "runsc"
@@ -176,10 +181,10 @@ class DockerDeployment(Deployment):
 
         def create() -> None:
             # --- quota: the workspace is an ext4 filesystem of its own (deployment/quota.py)
+            self._set_up_quota()
             if self.quota is not None:
                 self._collect_orphans()
-                uid, _, gid = SANDBOX_USER.partition(":")
-                options = self.quota.create(volume, int(uid), int(gid or uid))
+                options = self.quota.create(volume)
                 try:
                     self.api.create_volume(volume, driver="local", driver_opts=options, labels={**spec.labels, **self.quota.labels(volume)})
                 except BaseException:
@@ -238,18 +243,41 @@ class DockerDeployment(Deployment):
         await self._call(self.api.start, name)
 
     # --- quota helpers (deployment/quota.py)
+    def _set_up_quota(self) -> None:
+        """Decide once, when the engine answers, how (and whether) quotas work here. (While
+        it does not, nothing is decided: no sandbox can be made then anyway.)"""
+        with self._wanted_lock:
+            if self._wanted is None:
+                return
+            try:
+                self.api.ping()
+            except (BackendUnavailable, docker.errors.DockerException, requests.exceptions.RequestException):
+                return
+            w, self._wanted = self._wanted, None
+            self.quota = q.workspace_quota(w.size_bytes, w.directory, w.image, lambda: self.api)
+
+    def _quota_for(self, host_file: str, image: str) -> tuple[q.WorkspaceQuota, str]:
+        """The quota that manages an existing workspace filesystem, and its volume: ours, or
+        one made for the file's directory (another --quota-dir, another server). `image`
+        serves for helper containers (the sandbox's own image has losetup)."""
+        if self.quota is not None:
+            volume = self.quota.volume_of(host_file)
+            if volume is not None:
+                return self.quota, volume
+        return q.existing(self.api, host_file, image)
+
     def _reattach_workspace(self, name: str) -> None:
         """A quota-backed workspace's file must be on a loop device before its container
         starts: re-attach it if not (after a host reboot nothing is)."""
-        volume = (self.api.inspect_container(name)["Config"].get("Labels") or {}).get(VOLUME_LABEL)
+        container = self.api.inspect_container(name)
+        volume = (container["Config"].get("Labels") or {}).get(VOLUME_LABEL)
         if not volume:
             return
-        info = self.api.inspect_volume(volume)
-        image = (info.get("Labels") or {}).get(q.FILE_LABEL)
-        device = (info.get("Options") or {}).get("device")
-        if image and device:
+        host_file = (self.api.inspect_volume(volume).get("Labels") or {}).get(q.FILE_LABEL)
+        if host_file:
             try:
-                q.ensure_attached(image, device)
+                quota, volume = self._quota_for(host_file, container["Image"])
+                quota.ensure_attached(volume)
             except q.QuotaError as exc:
                 raise BackendUnavailable(f"cannot start {name}: {exc}") from exc
 
@@ -307,7 +335,8 @@ class DockerDeployment(Deployment):
 
     async def remove(self, name: str) -> None:
         try:
-            volume = (await self.labels(name)).get(VOLUME_LABEL)
+            container = await self._call(self.api.inspect_container, name)
+            volume = (container["Config"].get("Labels") or {}).get(VOLUME_LABEL)
             await self._call(self.api.remove_container, name, force=True)
         except SandboxGone:
             return
@@ -321,10 +350,17 @@ class DockerDeployment(Deployment):
                 await self._call(self.api.remove_volume, volume, force=True)
             except SandboxGone:
                 pass
-            image = (info.get("Labels") or {}).get(q.FILE_LABEL)
-            device = (info.get("Options") or {}).get("device")
-            if image and device:
-                await anyio.to_thread.run_sync(q.release, image, device)
+            host_file = (info.get("Labels") or {}).get(q.FILE_LABEL)
+            if host_file:
+
+                def release() -> None:
+                    try:
+                        quota, quota_volume = self._quota_for(host_file, container["Image"])
+                        quota.release(quota_volume)
+                    except (q.QuotaError, docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                        log.warning("could not release the filesystem %s of volume %s: %s", host_file, volume, exc)
+
+                await anyio.to_thread.run_sync(release)
 
     async def state(self, name: str) -> SandboxState:
         info = await self._call(self.api.inspect_container, name)
