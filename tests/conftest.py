@@ -31,7 +31,8 @@ TENANT = os.environ.get("MCP_CODEEXEC_TEST_TENANT", "pytest")
 def remove_test_containers(api: docker.APIClient) -> None:
     """Remove the tests' containers the way the server does (workspace volume, and its disk
     quota's loop device and backing file too), and pool containers whose owner is gone."""
-    anyio.run(DockerDeployment().remove_all, f"mcp-codeexec.{TENANT}")  # pytest, pytest-b, ...
+    for prefix in (f"mcp-codeexec.{TENANT}.", f"mcp-codeexec.{TENANT}-"):  # pytest, pytest-b, ...
+        anyio.run(DockerDeployment().remove_all, prefix)
     for c in api.containers(all=True, filters={"name": "mcp-codeexec-pool."}):
         owner = (c.get("Labels") or {}).get(f"{LABEL}.pool-owner", "")
         if not _owner_alive(owner):
@@ -75,7 +76,7 @@ class Session:
         container = (result.meta or {}).get("container")
         # Every result names its container, except where none was reached (bad input, an id
         # that names no live container, a call refused by a rate limit).
-        if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests") or container:
+        if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests", "file_not_found") or container:
             assert container and set(container) == {"id", "expires_at"}
             self.last_meta = result.meta
         return structured

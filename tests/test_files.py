@@ -69,7 +69,7 @@ async def test_hostile_file_names(sandbox):
 
 async def test_many_small_files_are_capped(sandbox):
     r = await sandbox.bash("mkdir -p many && for i in $(seq 1 300); do echo $i > many/f$i.txt; done")
-    assert len(r["content"]) == 50
+    assert len(r["content"]) == 50, r
     assert "250 more files were written" in r["stderr"]
 
 

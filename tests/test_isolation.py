@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import TENANT
+
 pytestmark = pytest.mark.anyio
 
 
 def container_of(engine, sandbox) -> dict:
     cid = sandbox.last_meta["container"]["id"]
-    return engine.inspect_container(f"mcp-codeexec.pytest.{cid}")
+    return engine.inspect_container(f"mcp-codeexec.{TENANT}.{cid}")
 
 
 async def test_only_loopback_inside_and_no_network_in_engine(sandbox, engine):
@@ -32,7 +34,10 @@ async def test_unprivileged(sandbox, engine):
     assert status["CapEff"] == status["CapPrm"] == "0000000000000000"
     info = container_of(engine, sandbox)
     hc = info["HostConfig"]
-    assert hc["CapDrop"] == ["ALL"] and "no-new-privileges" in hc["SecurityOpt"]
+    # The sandbox's own processes (init, agent) keep what starting and killing the user's
+    # processes needs; commands have none (above).
+    assert hc["CapDrop"] == ["ALL"] and sorted(hc["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
+    assert "no-new-privileges" in hc["SecurityOpt"]
     assert hc["ReadonlyRootfs"] is True and hc["PidsLimit"] == 256 and hc["Memory"] == 1 << 30
 
 

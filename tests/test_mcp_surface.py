@@ -63,3 +63,30 @@ async def test_unknown_tool_is_a_protocol_error(sandbox):
     with pytest.raises(Exception):
         await sandbox.client.call_tool("no_such_tool", {})
     assert (await sandbox.bash("echo still-serving"))["stdout"] == "still-serving\n"
+
+
+@pytest.mark.parametrize(
+    ("meta", "code"),
+    [
+        ({"container": 5}, "invalid_tool_input"),
+        ({"container": {"id": ["x"]}}, "invalid_tool_input"),
+        ({"container": ["container_x"]}, "invalid_tool_input"),
+        ({"container": "container_" + "Z" * 24}, "container_expired"),
+        ({"container_upload": 5}, "invalid_tool_input"),
+        ({"container_upload": ["file_" + "a" * 24]}, "file_not_found"),
+        ({"container_upload": "file_nope"}, "file_not_found"),
+        ({"container_upload": ["f"] * 101}, "invalid_tool_input"),
+    ],
+    ids=["container-int", "container-id-list", "container-list", "container-unknown", "upload-int",
+         "upload-unknown", "upload-bad-id", "upload-too-many"],
+)
+async def test_bad_meta_is_a_typed_error_result(sandbox, meta, code):
+    """A request's _meta that is wrong in any way answers a typed error, never a protocol
+    error, and never runs the call somewhere else (issue #10)."""
+    r = await sandbox.call("text_editor_code_execution", {"command": "view", "path": "."}, meta=meta)
+    assert r["type"] == "text_editor_code_execution_tool_result_error" and r["error_code"] == code, r
+    # bash has no file_not_found: a missing upload is bad input to it.
+    r = await sandbox.bash("echo ran", meta=meta)
+    assert r == {"type": "bash_code_execution_tool_result_error",
+                 "error_code": "invalid_tool_input" if code == "file_not_found" else code}
+    assert (await sandbox.bash("echo still-serving"))["stdout"] == "still-serving\n"

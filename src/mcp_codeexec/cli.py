@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import anyio
 from mcp.server.stdio import stdio_server
@@ -58,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
                     help="copy a host file or directory into every new container at <workdir>/uploads/ (repeatable; :ro makes the copy read-only)")
     ap.add_argument("--data-dir", default="", help="where files and usage are kept (default ~/.local/share/mcp-codeexec)")
     ap.add_argument("--max-file-size", default="64m", help="largest output file registered (default 64m)")
+    ap.add_argument("--max-stored", default="1g",
+                    help="bytes of files kept per tenant (outputs and uploads); past it outputs are not registered (default 1g)")
     ap.add_argument("--file-retention", default="", help="delete kept files after this long (default: keep until deleted)")
     ap.add_argument("--transport", choices=["stdio", "http"], default="stdio",
                     help="stdio (default), or http: Streamable HTTP at /mcp and SSE at /sse, plus the Files API")
@@ -110,6 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         allowed_hosts=tuple(args.allowed_host),
         data_dir=args.data_dir,
         max_file_bytes=parse_size(args.max_file_size),
+        max_stored_bytes=parse_size(args.max_stored),
         file_retention=parse_duration(args.file_retention) if args.file_retention else None,
     )
 
@@ -143,6 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from(args)
+    if settings.tokens_file:
+        from mcp_codeexec.errors import ConfigError
+        from mcp_codeexec.tenants import load_tenants
+
+        try:
+            load_tenants(Path(settings.tokens_file))
+        except ConfigError as exc:
+            raise SystemExit(f"mcp-codeexec: {exc}") from None
     log.info("mcp-codeexec %s: runtime %s, image %s", __version__, settings.runtime, settings.image)
     if settings.transport == "http":
         from mcp_codeexec.remote import serve_http

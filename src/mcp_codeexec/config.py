@@ -67,6 +67,7 @@ class Settings(BaseModel):
     quota_dir: str = ""
     data_dir: str = ""  # where files are kept on the host ("" = the XDG data directory)
     max_file_bytes: int = 64 << 20  # an output file larger than this is not registered
+    max_stored_bytes: int = 1 << 30  # files a tenant may keep (outputs + uploads), unless its policy says
     max_output_files: int = 50  # output files registered per call
     inline_image_bytes: int = 5 << 20  # images up to this size also come back inline
     file_retention: float | None = None  # seconds; None keeps files until deleted

@@ -15,7 +15,9 @@ import re
 import secrets
 import shutil
 import string
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +32,8 @@ _MAGIC = [
     (b"%PDF-", "application/pdf"),
 ]
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+# Files a tenant may keep, unless configured: bounds the host disk in every mode, stdio too.
+DEFAULT_MAX_STORED_BYTES = 1 << 30
 
 
 def new_file_id() -> str:
@@ -70,15 +74,45 @@ class FileMeta:
         return self.mime_type in IMAGE_TYPES
 
 
+class StoreFull(Exception):
+    """Keeping this file would take the tenant past its stored-bytes cap."""
+
+
 class FileStore:
-    def __init__(self, root: Path, retention: float | None = None) -> None:
+    """`cap(tenant)` is how many bytes of files a tenant may keep (outputs and uploads
+    together); past it `add` raises StoreFull. Usage is counted once per tenant from disk,
+    then kept up to date (one server process writes a data directory)."""
+
+    def __init__(self, root: Path, retention: float | None = None, cap: Callable[[str], int] | None = None) -> None:
         self.root = root
         self.retention = retention  # seconds; None keeps files until deleted
+        self.cap = cap or (lambda tenant: DEFAULT_MAX_STORED_BYTES)
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()  # add/delete run in worker threads
+
+    def used(self, tenant: str) -> int:
+        with self._lock:
+            if tenant not in self._used:
+                self._used[tenant] = sum(m.size_bytes for m in self.list(tenant))
+            return self._used[tenant]
+
+    def room(self, tenant: str) -> int:
+        """Bytes the tenant may still store."""
+        return max(0, self.cap(tenant) - self.used(tenant))
 
     def _dir(self, tenant: str, file_id: str) -> Path | None:
         return self.root / tenant / file_id if _ID.fullmatch(file_id) else None
 
     def add(self, tenant: str, filename: str, data: bytes, container_id: str | None = None, path: str | None = None) -> FileMeta:
+        with self._lock:
+            used = self._used.get(tenant)
+        if used is None:
+            used = self.used(tenant)
+        if used + len(data) > self.cap(tenant):
+            raise StoreFull(
+                f"keeping {len(data)} more bytes would exceed the {self.cap(tenant)}-byte cap on stored files "
+                f"({used} bytes stored); delete files to make room"
+            )
         file_id = new_file_id()
         meta = FileMeta(
             id=file_id,
@@ -96,6 +130,8 @@ class FileStore:
         (staging / "content").write_bytes(data)
         (staging / "meta.json").write_text(json.dumps(asdict(meta)))
         os.replace(staging, final)  # a file is there whole, or not at all
+        with self._lock:
+            self._used[tenant] = self._used.get(tenant, used) + len(data)
         return meta
 
     def get(self, tenant: str, file_id: str) -> FileMeta | None:
@@ -127,6 +163,8 @@ class FileStore:
         if directory is None or not directory.is_dir():
             return False
         shutil.rmtree(directory)
+        with self._lock:
+            self._used.pop(tenant, None)  # counted again on next use
         return True
 
     def prune(self) -> int:
@@ -140,6 +178,8 @@ class FileStore:
                 if _ID.fullmatch(entry.name) and entry.stat().st_mtime < cutoff:
                     shutil.rmtree(entry, ignore_errors=True)
                     removed += 1
+                    with self._lock:
+                        self._used.pop(tenant.name, None)
         return removed
 
 

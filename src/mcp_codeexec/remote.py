@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from mcp_codeexec.config import Settings
+from mcp_codeexec.files import StoreFull
 from mcp_codeexec.errors import BackendUnavailable, CodeExecError, ContainerExpired, FileNotFound
 from mcp_codeexec.server import AppState, build_server, put_file
 from mcp_codeexec.tenants import HashedTokenVerifier, load_tenants
@@ -84,12 +85,10 @@ def build_app(settings: Settings) -> Starlette:
         data = await part.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             return _error(413, "request_too_large", f"uploads are limited to {settings.max_upload_bytes} bytes")
-        quota = state().limits.by_tenant.get(tenant)
-        if quota is not None and quota.max_stored_bytes is not None:
-            stored = sum(f.size_bytes for f in state().files.list(tenant))
-            if stored + len(data) > quota.max_stored_bytes:
-                return _error(429, "rate_limit_error", f"stored files would exceed {quota.max_stored_bytes} bytes")
-        meta = await anyio.to_thread.run_sync(state().files.add, tenant, part.filename or "upload", data)
+        try:
+            meta = await anyio.to_thread.run_sync(state().files.add, tenant, part.filename or "upload", data)
+        except StoreFull as exc:
+            return _error(429, "rate_limit_error", str(exc))
         return JSONResponse(_file_json(meta), status_code=201)
 
     async def list_files(request: Request, tenant: str) -> Response:

@@ -264,6 +264,13 @@ class Sandbox:
             )
         if not state.running and state.exit_code == 137:
             return "the sandbox was killed (SIGKILL) with every process in it"
+        if not state.running and state.exit_code == 2 and self.settings.runtime == "runsc":
+            # gVisor's kernel is a Go program: a Go runtime that cannot get memory (the
+            # sandbox's cgroup is full) ends with status 2 before any OOM kill is recorded.
+            return (
+                f"the sandbox ran out of memory (limit {self.settings.memory_bytes >> 20} MiB): its kernel (gVisor) "
+                "could not allocate and stopped, with every process in it"
+            )
         if not state.running:
             return f"the sandbox stopped ({state.status}, exit code {state.exit_code})"
         tail = agent.stream.stderr_tail.strip().splitlines()[-3:]

@@ -268,8 +268,9 @@ def build_server(
             containers = ContainerManager(settings, backend, task_group)
             sessions = Sessions(containers, settings.tenant, settings.container, upload_plan(settings.uploads, settings.workdir))
             data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
-            files = FileStore(data_dir / "files", settings.file_retention)
             policies = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else {}
+            caps = {p.name: p.max_stored_bytes for p in policies.values() if p.max_stored_bytes is not None}
+            files = FileStore(data_dir / "files", settings.file_retention, lambda t: caps.get(t, settings.max_stored_bytes))
             metrics = Metrics()
             metrics.gauges["running_containers"] = lambda: containers.running_count
             metrics.gauges["pool_size"] = lambda: len(containers.pool)

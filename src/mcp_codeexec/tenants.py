@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mcp.server.auth.provider import AccessToken, TokenVerifier
+
+from mcp_codeexec.errors import ConfigError
 
 BILLING_MINIMUM_SECONDS = 300.0
 
@@ -40,15 +43,45 @@ class TenantPolicy:
     max_stored_bytes: int | None = None
 
 
+_LIMIT_FIELDS = {"rate_per_minute": (int, float), "max_concurrent": (int,), "max_containers": (int,), "max_stored_bytes": (int,)}
+_TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
 def load_tenants(path: Path) -> dict[str, TenantPolicy]:
-    """Tenants by token hash."""
-    data = json.loads(path.read_text())
-    policies = {}
-    for name, entry in data.get("tenants", {}).items():
-        policy = TenantPolicy(name=name, **entry)
-        if len(policy.token_sha256) != 64:
-            raise ValueError(f"tenant {name}: token_sha256 must be a SHA-256 hex digest")
-        policies[policy.token_sha256] = policy
+    """Tenants by token hash. Raises ConfigError saying exactly what is wrong: the server
+    refuses to start on a tokens file it cannot read whole."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"tokens file {path}: {why}")
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise bad(exc.strerror or str(exc)) from None
+    except ValueError as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    tenants = data.get("tenants") if isinstance(data, dict) else None
+    if not isinstance(tenants, dict):
+        raise bad('expected {"tenants": {"<name>": {"token_sha256": "<hex>", ...}}}')
+    policies: dict[str, TenantPolicy] = {}
+    for name, entry in tenants.items():
+        if not _TENANT_NAME.fullmatch(name):
+            raise bad(f"tenant name {name!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
+        if not isinstance(entry, dict):
+            raise bad(f"tenant {name}: expected an object")
+        unknown = set(entry) - {"token_sha256", *_LIMIT_FIELDS}
+        if unknown:
+            raise bad(f"tenant {name}: unknown keys {sorted(unknown)}")
+        digest = entry.get("token_sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise bad(f"tenant {name}: token_sha256 must be a SHA-256 hex digest (64 lowercase hex digits)")
+        for key, types_ in _LIMIT_FIELDS.items():
+            value = entry.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types_) or value <= 0):
+                raise bad(f"tenant {name}: {key} must be a positive number")
+        if digest in policies:
+            raise bad(f"tenants {policies[digest].name} and {name} have the same token")
+        policies[digest] = TenantPolicy(name=name, **entry)
     return policies
 
 

@@ -6,6 +6,7 @@ too many containers) becomes a typed result here; nothing raises to the MCP laye
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Awaitable, Callable, get_args
 
@@ -15,7 +16,7 @@ from mcp_codeexec import wire
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
 from mcp_codeexec.errors import CodeExecError, SandboxDied
-from mcp_codeexec.files import FileMeta, FileStore
+from mcp_codeexec.files import FileMeta, FileStore, StoreFull
 from mcp_codeexec.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Outcome:
 
 
 async def register_outputs(
-    settings: Settings, store: FileStore, sandbox: Sandbox, written: list[list[Any]]
+    settings: Settings, store: FileStore, sandbox: Sandbox, written: list[list[Any]], total: int
 ) -> tuple[list[FileMeta], list[str]]:
     """Copy the files a command wrote out of the sandbox into the store; (files, notes for
     the model about what was left out)."""
@@ -46,14 +47,18 @@ async def register_outputs(
         if size > settings.max_file_bytes:
             notes.append(f"{path} ({size} bytes) is over the {settings.max_file_bytes}-byte output-file limit: not registered")
             continue
-        try:
-            data = await sandbox.read_file(path, settings.max_file_bytes)
-        except CodeExecError as exc:
-            notes.append(f"{path}: not registered ({exc})")
+        room = store.room(sandbox.tenant)
+        if size > room:
+            notes.append(f"{path} ({size} bytes): not registered: the cap on stored files would be exceeded "
+                         f"({room} bytes left; delete files to make room)")
             continue
-        files.append(store.add(sandbox.tenant, path.rsplit("/", 1)[-1], data, sandbox.info.id, path))
-    if len(written) > settings.max_output_files:
-        notes.append(f"{len(written) - settings.max_output_files} more files were written; only the first {settings.max_output_files} were registered")
+        try:
+            data = await sandbox.read_file(path, min(settings.max_file_bytes, room))
+            files.append(store.add(sandbox.tenant, path.rsplit("/", 1)[-1], data, sandbox.info.id, path))
+        except (CodeExecError, StoreFull) as exc:  # gone, grew past a limit meanwhile, ...
+            notes.append(f"{path}: not registered ({exc})")
+    if total > settings.max_output_files:
+        notes.append(f"{total - settings.max_output_files} more files were written; only the first {settings.max_output_files} were registered")
     return files, notes
 
 
@@ -92,6 +97,36 @@ def error(tool: str, code: str, message: str) -> BaseModel:
 def _clip(text: str, limit: int = 300) -> str:
     """Text from a sandbox, cut short for a log line."""
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+# What one output stream may take once JSON-encoded. A result travels twice (structured
+# content and its JSON text), and clients cap one message (the mcp SDK: 1 MiB per SSE
+# event): binary output, whose control bytes escape to 6 characters each, is cut to fit.
+WIRE_BUDGET = 128 * 1024
+
+
+def _wire_cost(ch: str) -> int:
+    return 1 if " " <= ch and ch not in '"\\' else len(json.dumps(ch)) - 2
+
+
+def fit_to_wire(text: str, budget: int = WIRE_BUDGET) -> str:
+    """`text`, or its head and tail with a marker, so that it JSON-encodes to at most
+    about `budget` characters."""
+    if len(text) * 6 <= budget or len(json.dumps(text, ensure_ascii=False)) <= budget:
+        return text
+    half = budget // 2 - 200
+    head_end = cost = 0
+    while head_end < len(text) and cost + _wire_cost(text[head_end]) <= half:
+        cost += _wire_cost(text[head_end])
+        head_end += 1
+    tail_start, cost = len(text), 0
+    while tail_start > head_end and cost + _wire_cost(text[tail_start - 1]) <= half:
+        tail_start -= 1
+        cost += _wire_cost(text[tail_start])
+    omitted = tail_start - head_end
+    marker = (f"\n[... {omitted} characters omitted: this output is mostly control characters or binary, which "
+              "take up to 6 bytes each once encoded; write such output to a file instead ...]\n")
+    return text[:head_end] + marker + text[tail_start:]
 
 
 def _encodable(text: str) -> bool:
@@ -133,11 +168,11 @@ async def _command(
     if reply.files_note:
         stderr += f"[mcp-codeexec] {reply.files_note}\n"
     if store is not None and reply.files and sandbox is not None:
-        files, notes = await register_outputs(settings, store, sandbox, reply.files)
+        files, notes = await register_outputs(settings, store, sandbox, reply.files, max(reply.files_total, len(reply.files)))
         stderr += "".join(f"[mcp-codeexec] {note}\n" for note in notes)
     result = result_cls(
-        stdout=reply.stdout,
-        stderr=stderr,
+        stdout=fit_to_wire(reply.stdout),
+        stderr=fit_to_wire(stderr),
         return_code=reply.return_code,
         content=[output_cls(file_id=f.id) for f in files],
     )

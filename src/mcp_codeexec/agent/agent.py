@@ -121,13 +121,13 @@ class Agent:
     def __init__(self, root: str, listener: socket.socket) -> None:
         self.editor = Editor(root=root, workdir=os.getcwd())
         self.listener = listener
-        self.connections: set[Connection] = set()
+        self.connections: dict[Connection, asyncio.Task[None]] = {}
         self.in_flight = 0
         self.children: dict[int, tuple[subprocess.Popen[bytes], asyncio.Future[int]]] = {}
         self.repl = Repl(self)  # the persistent Python interpreter, started on first use
         self.events: list[str] = []  # files written, in order; events_base counts dropped ones
         self.events_base = 0
-        self.overflowed_at = -1  # the event count when the watcher last lost events
+        self.overflows = 0  # how often the watcher lost events
         try:
             self.watcher: Watcher | None = Watcher(self.editor.root)
         except OSError:
@@ -155,9 +155,10 @@ class Agent:
             sock.close()
             return
         connection = Connection(self, sock, in_fd, out_fd)
-        self.connections.add(connection)
+        # The loop keeps only weak references to tasks: this set keeps the connection alive.
         task = asyncio.create_task(connection.serve())
-        task.add_done_callback(lambda _t: self.connections.discard(connection))
+        self.connections[connection] = task
+        task.add_done_callback(lambda _t: self.connections.pop(connection, None))
 
     def hello(self, out_fd: int) -> None:
         frame = p.hello_frame(AGENT_HASH)
@@ -243,19 +244,21 @@ class Agent:
         except EditorError as exc:
             return p.Failure(exc.code, exc.message)
 
-    def written_files(self, since: int, started: float) -> tuple[list[list[Any]], str]:
-        """([path, size] of regular files written since event number `since`, a note for the
-        caller if that list may be incomplete). When the watcher lost events (its queue
-        overflowed), the workspace is searched for files modified since `started` (a wall
-        clock time) instead, and the watcher is rebuilt."""
+    def written_files(self, mark: tuple[int, int], started: float) -> tuple[list[list[Any]], str]:
+        """([path, size] of regular files written since `mark` (from event_mark), a note
+        for the caller if that list may be incomplete). When the watcher lost events while
+        the call ran (its queue overflowed, or a directory could not be watched), the
+        workspace is searched for files modified since `started` (a wall clock time)
+        instead, and the watcher is rebuilt."""
         if self.watcher is None:
             return [], ""
+        since, overflows = mark
         self.events.extend(self.watcher.drain())
         if self.watcher.overflowed:
-            self.overflowed_at = self.events_base + len(self.events)
+            self.overflows += 1
             self.watcher.close()
             self.watcher = Watcher(self.editor.root)
-        if since <= self.overflowed_at:
+        if self.overflows != overflows:
             found, complete = recent_files(self.editor.root, started)
             note = (
                 "more files changed than the file watcher could follow; output files were found by modification time"
@@ -273,15 +276,20 @@ class Agent:
                 found.append([path, st.st_size])
         return found, ""
 
-    def event_mark(self) -> int:
-        """The number of file events seen so far (a call's files are those after its mark)."""
+    def event_mark(self) -> tuple[int, int]:
+        """Where a call starts: (file events seen so far, watcher overflows so far). A
+        call's files are the events after its mark."""
         if self.watcher is None:
-            return 0
+            return 0, 0
         self.events.extend(self.watcher.drain())
+        if self.watcher.overflowed:  # lost before this call began: start it afresh
+            self.overflows += 1
+            self.watcher.close()
+            self.watcher = Watcher(self.editor.root)
         if self.in_flight <= 1 or len(self.events) > 100_000:  # only this call runs: drop the old ones
             self.events_base += len(self.events)
             self.events.clear()
-        return self.events_base + len(self.events)
+        return self.events_base + len(self.events), self.overflows
 
     def spawn(self, argv: list[str], **kwargs: Any) -> tuple[subprocess.Popen[bytes], asyncio.Future[int]]:
         """Start a child as the sandbox user, in its own session (kill_tree's unit); the
@@ -381,8 +389,9 @@ class Agent:
             stdout_bytes=buffers["stdout"].total,
             stderr_bytes=buffers["stderr"].total,
             duration=time.monotonic() - started,
-            files=files,
+            files=files[: p.MAX_REPORTED_FILES],
             files_note=files_note,
+            files_total=len(files),
         )
         if cancelled:
             call.send(result)

@@ -80,6 +80,7 @@ def check_reply(reply: Any, request: p.Request, bounds: Bounds) -> Any:
         need(0 <= reply.return_code <= 255, f"return code {reply.return_code}")
         need(reply.stdout_bytes >= 0 and reply.stderr_bytes >= 0 and reply.duration >= 0, "negative count")
         need(len(reply.files_note) <= _MAX_MESSAGE, "oversized note")
+        need(len(reply.files) <= min(p.MAX_REPORTED_FILES, max(reply.files_total, 0)), "more files than reported")
         for entry in reply.files:
             need(len(entry) == 2 and bounds.inside(entry[0]), "a file outside the workspace")
             need(type(entry[1]) is int and entry[1] >= 0, "a file size that is not a size")
@@ -91,7 +92,7 @@ def check_reply(reply: Any, request: p.Request, bounds: Bounds) -> Any:
         need(len(data) <= p.READ_CHUNK and reply.size >= 0, "chunk larger than asked")
     elif isinstance(reply, p.EditResult):
         try:
-            wire.editor_result.validate_python(reply.result)
+            wire.editor_result.validate_python(reply.result, strict=True)
         except ValidationError as exc:
             raise p.ProtocolError(f"EditResult: not an editor result ({exc.error_count()} errors)") from None
     elif isinstance(reply, p.Written):
@@ -161,10 +162,10 @@ class AgentClient:
                     chunk = await self.stream.receive()
                 for message in decoder.feed(chunk):
                     self._dispatch(message)
+        except TimeoutError:  # (before OSError, of which it is a kind)
+            self.death = f"the sandbox's agent stalled in the middle of a frame for {STALL_TIMEOUT:g} s"
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self.death = self.death or f"agent stream ended ({type(exc).__name__})"
-        except TimeoutError:
-            self.death = f"the sandbox's agent stalled in the middle of a frame for {STALL_TIMEOUT:g} s"
         except p.ProtocolError as exc:
             self.death = f"the sandbox's agent sent a malformed frame ({str(exc)[:300]})"
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave this sandbox either

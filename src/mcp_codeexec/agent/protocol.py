@@ -27,7 +27,8 @@ from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 2
 MAX_FRAME = 64 * 1024 * 1024  # what the agent accepts (uploads come in 4 MiB chunks)
-READ_CHUNK = 2 << 20  # a ReadFile reply carries at most this many bytes (base64: 4/3 more)
+READ_CHUNK = 2 << 20
+MAX_REPORTED_FILES = 1000  # output files listed per call (the server registers fewer)  # a ReadFile reply carries at most this many bytes (base64: 4/3 more)
 # The largest reply the server accepts: a ReadFile chunk in base64, or two capped output
 # streams whose every byte JSON escapes to 6 (\u00XX) plus the file list.
 MAX_REPLY_FRAME = 16 * 1024 * 1024
@@ -186,6 +187,7 @@ class ExecResult:
     files: list[list[Any]] = field(default_factory=list)
     # Set when `files` may be incomplete (the watcher lost events): says what was done.
     files_note: str = ""
+    files_total: int = 0  # files written in all; `files` lists at most MAX_REPORTED_FILES
 
 
 @dataclass

@@ -310,8 +310,9 @@ class Repl:
             stderr_bytes=buffers["stderr"].total,
             duration=time.monotonic() - started,
             state_reset=died or bool(prefix),
-            files=files,
+            files=files[: p.MAX_REPORTED_FILES],
             files_note=files_note,
+            files_total=len(files),
         )
         if cancelled:
             call.send(result)

@@ -10,6 +10,7 @@ with "."), not in a cache or dependency directory (EXCLUDED_DIRS).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
@@ -24,8 +25,12 @@ _IN_ISDIR = 0x40000000
 _IN_Q_OVERFLOW = 0x4000
 _MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE_SELF
 _EVENT = struct.Struct("iIII")
-_MAX_WATCHES = 20000
-RECENT_SCAN_LIMIT = 200_000  # entries recent_files() looks at, at most
+# Under gVisor every watched directory of a gofer-backed mount (the workspace) pins one of
+# the sandbox's ~20 000 host file descriptors: at that many watches every open() in the
+# sandbox fails with EMFILE. Past this many the watcher gives up (overflowed) and output
+# files are found by modification time instead (recent_files).
+_MAX_WATCHES = 8000
+RECENT_SCAN_LIMIT = 50_000  # entries recent_files() looks at, at most (~3 s under gVisor)
 
 
 def _hidden_or_excluded(name: str) -> bool:
@@ -54,6 +59,8 @@ class Watcher:
         wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), _MASK)
         if wd >= 0:
             self._dirs[wd] = path
+        elif ctypes.get_errno() not in (errno.ENOENT, errno.ENOTDIR):
+            self.overflowed = True  # a directory that exists is not watched: events will be missed
         return wd >= 0
 
     def _add_tree(self, top: str, mark_files: bool = True) -> None:

@@ -14,6 +14,7 @@ import os
 import struct
 import threading
 import time
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
@@ -29,7 +30,6 @@ from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.deployment.base import (
     AGENT_CAPABILITIES,
     AGENT_DIR,
-    SANDBOX_USER,
     AgentStream,
     BackendInfo,
     BackendUnavailable,
@@ -365,12 +365,27 @@ class DockerDeployment(Deployment):
     async def state(self, name: str) -> SandboxState:
         info = await self._call(self.api.inspect_container, name)
         s = info["State"]
+        oom = bool(s.get("OOMKilled"))
+        if not s.get("Running") and not oom and s.get("ExitCode"):
+            oom = await self._call(self._oom_event, name, s.get("StartedAt", ""))
         return SandboxState(
             running=bool(s.get("Running")),
             status=s.get("Status", "?"),
             exit_code=s.get("ExitCode"),
-            oom_killed=bool(s.get("OOMKilled")),
+            oom_killed=oom,
         )
+
+    def _oom_event(self, name: str, started: str) -> bool:
+        """Did the engine see the host kill anything of the sandbox for memory since it
+        started? Under gVisor the kill may hit one of its helper processes, and then the
+        container's OOMKilled flag stays false though the sandbox died of it."""
+        try:
+            since = datetime.fromisoformat(started[:26].rstrip("Z")).replace(tzinfo=timezone.utc).timestamp()
+        except ValueError:
+            return False
+        events = self.api.events(since=int(since), until=int(time.time()) + 1, decode=True,
+                                 filters={"container": name, "event": "oom"})
+        return any(True for _ in events)
 
     async def attached(self, name: str) -> int:
         def count() -> int:

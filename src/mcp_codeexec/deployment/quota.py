@@ -82,6 +82,10 @@ import requests.exceptions
 
 from mcp_codeexec.files import default_data_dir
 
+from mcp_codeexec.errors import QuotaError
+
+__all__ = ["QuotaError"]  # raised here; defined with the others in errors.py
+
 log = logging.getLogger(__name__)
 
 ROOT_DIR = "/var/lib/mcp-codeexec/workspaces"  # the default quota directory for root
@@ -139,9 +143,6 @@ losetup --find >/dev/null
 """
 _STEPS = {"attach": _ATTACH, "detach": _DETACH, "format": _FORMAT, "probe": _PROBE}
 
-
-class QuotaError(Exception):
-    """A quota operation failed (the message says which and why)."""
 
 
 def default_dir() -> str:
