@@ -77,7 +77,7 @@ class Session:
         # Every result names its container, except where none was reached (bad input, an id
         # that names no live container, a call refused by a rate limit).
         if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests", "file_not_found") or container:
-            assert container and set(container) == {"id", "expires_at"}
+            assert container and set(container) == {"id", "expires_at"}, structured
             self.last_meta = result.meta
         return structured
 

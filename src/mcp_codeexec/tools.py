@@ -81,6 +81,9 @@ _CODES = {
 }
 
 
+_TOOL_OF: dict[type[BaseModel], str] = {wire.BashError: wire.BASH_TOOL, wire.CodeError: wire.CODE_TOOL}
+
+
 def error(tool: str, code: str, message: str) -> BaseModel:
     """The error object of `tool` (only the editor's carries a message). A code the tool's
     errors do not include becomes the nearest one it does: a missing file named in the
@@ -157,7 +160,7 @@ async def _command(
         stderr = f"[mcp-codeexec] {failure.reason}. The sandbox was restarted; files in the workspace are intact.\n"
         return Outcome(result_cls(stdout="", stderr=stderr, return_code=137), sandbox)
     if failure is not None:
-        return Outcome(error_cls(error_code=failure.code), sandbox)
+        return Outcome(error(_TOOL_OF[error_cls], failure.code, failure.message), sandbox)
     if isinstance(reply, p.Failure):
         log.warning("agent failure: %s", _clip(reply.message))
         return Outcome(error_cls(error_code="unavailable"), sandbox)
@@ -255,7 +258,7 @@ async def editor(get_sandbox: SandboxGetter, arguments: dict[str, Any]) -> Outco
     if isinstance(failure, SandboxDied):
         return Outcome(_editor_error("unavailable", f"{failure.reason}; the sandbox was restarted, files are intact"), sandbox)
     if failure is not None:
-        return Outcome(_editor_error(failure.code, failure.message), sandbox)
+        return Outcome(error(wire.EDITOR_TOOL, failure.code, failure.message), sandbox)
     if isinstance(reply, p.Failure):
         code = reply.code if reply.code in ("file_not_found", "string_not_found", "invalid_tool_input") else "unavailable"
         return Outcome(_editor_error(code, reply.message), sandbox)

@@ -130,7 +130,7 @@ def test_check_reply_refuses_what_no_agent_sends(reply: Any) -> None:
 
 def test_check_reply_accepts_real_replies() -> None:
     request = p.Exec(command="true", cwd="/workspace", timeout=1, max_output=1000)
-    ok = exec_result(stdout="x" * 1000, files=[["/workspace/out/a b.png", 10]], return_code=137)
+    ok = exec_result(stdout="x" * 1000, files=[["/workspace/out/a b.png", 10]], files_total=1, return_code=137)
     assert check_reply(ok, request, BOUNDS) is ok
     edit = p.EditResult(result={"type": "text_editor_code_execution_create_result", "is_file_update": False})
     assert check_reply(edit, request, BOUNDS) is edit

@@ -94,6 +94,11 @@ class Deployment(abc.ABC):
     @abc.abstractmethod
     async def start(self, name: str) -> None: ...
 
+    async def upgrade(self, name: str, spec: SandboxSpec) -> bool:
+        """Bring a stopped sandbox made by an older version up to `spec`'s layout, keeping
+        its workspace; True if anything changed. Backends without older layouts: no-op."""
+        return False
+
     @abc.abstractmethod
     async def rename(self, name: str, new_name: str) -> None:
         """Atomic in the engine: raises NameTaken if new_name exists, SandboxGone if name doesn't."""

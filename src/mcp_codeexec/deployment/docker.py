@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from datetime import datetime, timezone
+from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
@@ -56,6 +57,7 @@ def _socket_path() -> str:
 
 
 VOLUME_LABEL = "org.mcp-codeexec.volume"
+LAYOUT_LABEL = "org.mcp-codeexec.layout"
 
 
 class DockerAgentStream(AgentStream):
@@ -177,12 +179,31 @@ class DockerDeployment(Deployment):
         return BackendInfo(engine=f"Docker Engine {info.get('ServerVersion', '?')}", runtime=self.runtime, isolation=isolation)
 
     async def create(self, spec: SandboxSpec) -> None:
+        await self._create(spec, new_volume=True)
+
+    async def upgrade(self, name: str, spec: SandboxSpec) -> bool:
+        """Re-create a container that an older version of this server made (its layout
+        label differs from the spec's), keeping its workspace volume and labels. True if
+        it did."""
+        labels = await self.labels(name)
+        if labels.get(LAYOUT_LABEL) == spec.labels.get(LAYOUT_LABEL):
+            return False
+        volume = labels.get(VOLUME_LABEL) or spec.volume
+        log.info("re-creating %s in the current layout (its workspace %s stays)", name, volume)
+        await self._call(self.api.remove_container, name, force=True)
+        kept = {k: v for k, v in labels.items() if k.startswith("org.mcp-codeexec.") and k != LAYOUT_LABEL}
+        await self._create(replace(spec, volume=volume, labels={**kept, **spec.labels}), new_volume=False)
+        return True
+
+    async def _create(self, spec: SandboxSpec, new_volume: bool) -> None:
         volume = spec.volume
 
         def create() -> None:
             # --- quota: the workspace is an ext4 filesystem of its own (deployment/quota.py)
             self._set_up_quota()
-            if self.quota is not None:
+            if not new_volume:
+                pass  # upgrade(): the workspace exists already
+            elif self.quota is not None:
                 self._collect_orphans()
                 options = self.quota.create(volume)
                 try:
