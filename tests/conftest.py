@@ -31,7 +31,10 @@ TENANT = os.environ.get("MCP_CODEEXEC_TEST_TENANT", "pytest")
 def remove_test_containers(api: docker.APIClient) -> None:
     """Remove the tests' containers the way the server does (workspace volume, and its disk
     quota's loop device and backing file too), and pool containers whose owner is gone."""
-    anyio.run(DockerDeployment().remove_all, f"mcp-codeexec.{TENANT}")  # pytest, pytest-b, ...
+    # The test tenant and its family (pytest-t, pytest-t-b, ...), and no other run's tenant
+    # that merely starts with the same letters.
+    for prefix in (f"mcp-codeexec.{TENANT}.", f"mcp-codeexec.{TENANT}-"):
+        anyio.run(DockerDeployment().remove_all, prefix)
     for c in api.containers(all=True, filters={"name": "mcp-codeexec-pool."}):
         owner = (c.get("Labels") or {}).get(f"{LABEL}.pool-owner", "")
         if not _owner_alive(owner):
@@ -74,8 +77,8 @@ class Session:
         assert result.is_error == structured["type"].endswith("_tool_result_error")
         container = (result.meta or {}).get("container")
         # Every result names its container, except where none was reached (bad input, an id
-        # that names no live container, a call refused by a rate limit).
-        if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests") or container:
+        # that names no live container, a call refused by a rate limit, no engine or image).
+        if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests", "unavailable") or container:
             assert container and set(container) == {"id", "expires_at"}
             self.last_meta = result.meta
         return structured
@@ -120,3 +123,21 @@ async def _python(self: Session, code: str, **kwargs: Any) -> dict[str, Any]:
 
 
 Session.python = _python  # type: ignore[attr-defined]
+
+
+def wait_for(path: str, seconds: int = 8) -> str:
+    """A shell condition: true once `path` exists (in the sandbox), false after `seconds`."""
+    return f"for i in $(seq {seconds * 10}); do [ -e {path} ] && break; sleep 0.1; done; [ -e {path} ]"
+
+
+async def both(*calls: tuple[Session, str]) -> list[dict[str, Any]]:
+    """Run bash calls (session, command) at once; their results, in order."""
+    results: list[dict[str, Any]] = [{}] * len(calls)
+
+    async def run(i: int, session: Session, command: str) -> None:
+        results[i] = await session.bash(command)
+
+    async with anyio.create_task_group() as tg:
+        for i, (session, command) in enumerate(calls):
+            tg.start_soon(run, i, session, command)
+    return results

@@ -9,8 +9,10 @@ import json
 
 import anyio
 import pytest
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
-from conftest import connect
+from conftest import TENANT, connect
 from strict import validate_result
 from test_editor import tiny_png
 
@@ -80,10 +82,18 @@ async def test_big_output_file_is_not_registered_but_reported(sandbox):
     assert (await sandbox.bash("stat -c %s big.bin; rm big.bin"))["stdout"] == "100000000\n"
 
 
+async def resource_error(session, uri: str) -> tuple[int, str]:
+    with pytest.raises(MCPError) as caught:
+        await session.client.read_resource(uri)
+    return caught.value.code, caught.value.message
+
+
 async def test_unknown_file_ids(sandbox):
-    for bad in ("file_" + "Z" * 24, "../../etc/passwd", "nope"):
-        with pytest.raises(Exception):
-            await sandbox.client.read_resource(f"codeexec://files/{bad}")
+    for bad in ("file_" + "Z" * 24, "../../etc/passwd", "nope", "file_" + "Z" * 24 + "/../x"):
+        code, message = await resource_error(sandbox, f"codeexec://files/{bad}")
+        assert code == INVALID_PARAMS and bad in message, (bad, message)
+    code, message = await resource_error(sandbox, "codeexec://no-such-resource")
+    assert code == INVALID_PARAMS and "codeexec://no-such-resource" in message
 
 
 async def test_uploads_named_at_start(tmp_path, engine):
@@ -108,6 +118,9 @@ async def test_files_outlive_their_container_and_tenant_scoping(engine):
         assert (await a.bash("true"))["error_code"] == "container_expired"
         data, _ = await read_file_resource(a, file_id)
         assert data == b"keep-me\n"
-    async with connect("--tenant", "someone-else", "--no-prepare") as other:
-        with pytest.raises(Exception):
-            await read_file_resource(other, file_id)
+    never = "file_" + "Q" * 24  # well-formed, never existed
+    async with connect("--tenant", f"{TENANT}-other", "--no-prepare") as other:
+        theirs = await resource_error(other, f"codeexec://files/{file_id}")
+        unknown = await resource_error(other, f"codeexec://files/{never}")
+        assert theirs[0] == unknown[0] == INVALID_PARAMS
+        assert theirs[1] == unknown[1].replace(never, file_id)  # the same answer, but for the id asked about

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pytest
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
 from conftest import connect
 
@@ -51,7 +53,7 @@ async def test_20260521_per_cell_limit_is_a_normal_result(engine):
         assert "2 s of wall-clock time" in tools["code_execution"].description
         await s.python("z = 1")
         r = await s.python("import time\nprint('started', flush=True)\ntime.sleep(30)")
-        assert r["type"] == "code_execution_result" and r["return_code"] != 0
+        assert r["type"] == "code_execution_result" and r["return_code"] == 124
         assert "detection_timeout" in r["stderr"] and r["stdout"] == "started\n"
         assert (await s.python("print('z' in globals())"))["stdout"] == "False\n"
         prompt = (await s.client.read_resource("codeexec://system-prompt")).contents[0].text
@@ -66,8 +68,9 @@ async def test_20250522_legacy_single_tool_fresh_interpreter(engine):
         assert r["return_code"] == 1 and "NameError" in r["stderr"]  # nothing carried over
         await s.python("open('kept.txt', 'w').write('files do')")
         assert (await s.python("print(open('kept.txt').read())"))["stdout"] == "files do\n"
-        with pytest.raises(Exception):
+        with pytest.raises(MCPError) as caught:  # the legacy profile has no bash tool at all
             await s.client.call_tool("bash_code_execution", {"command": "true"})
+        assert caught.value.code == INVALID_PARAMS and "bash_code_execution" in caught.value.message
 
 
 @pytest.mark.parametrize("arguments", [{"code": 1}, {}, {"code": "x\x00"}, {"code": ["print(1)"]}])
