@@ -4,18 +4,23 @@ real Docker and real gVisor. Without Docker these tests FAIL (never skip)."""
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, TextIO
 
 import anyio
 import docker
+import httpx2
 import pytest
 from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters
+from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from mcp_codeexec.containers import _owner_alive
 from mcp_codeexec.deployment.docker import DockerDeployment
@@ -103,9 +108,47 @@ def server_params(*args: str) -> StdioServerParameters:
 
 
 @asynccontextmanager
-async def connect(*args: str) -> AsyncIterator[Session]:
-    async with Client(server_params(*args)) as client:
+async def connect(*args: str, errlog: TextIO | None = None) -> AsyncIterator[Session]:
+    """A stdio client of a new server process; its stderr (logs) to `errlog` if given."""
+    params = server_params(*args)
+    async with Client(stdio_client(params, errlog=errlog) if errlog else params) as client:
         yield Session(client)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[str]:
+    """A server process on Streamable HTTP/SSE on loopback; yields its base URL once it
+    answers /healthz (200, or 503 when it has no engine). Its stderr goes to `log`."""
+    port = free_port()
+    stderr = open(log, "w") if log else None  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcp_codeexec", "--transport", "http", "--port", str(port), "--image", IMAGE,
+         "--tenant", TENANT, "--data-dir", DATA_DIR, *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stderr=stderr,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if httpx2.get(f"{base}/healthz", timeout=15).status_code in (200, 503):
+                    break
+            except httpx2.HTTPError:
+                pass
+            assert proc.poll() is None, "server exited"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if stderr:
+            stderr.close()
 
 
 # One server for most tests: short time limit and small memory so the hostile cases are quick.

@@ -7,11 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import asynccontextmanager
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,19 +19,13 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
-from conftest import DATA_DIR, IMAGE, TENANT, Session
+from conftest import TENANT, Session, http_server
 
 pytestmark = pytest.mark.anyio
 
 # Callers by role; their tenants are named after the test tenant (conftest removes them all).
 TENANTS = {"a": TENANT, "b": f"{TENANT}-b", "slow": f"{TENANT}-slow", "one": f"{TENANT}-one"}
 TOKENS = {role: f"token-{role}-" + role[0] * 20 for role in TENANTS}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +35,8 @@ def remote(engine, tmp_path_factory) -> Iterator[str]:
     tenants[TENANTS["slow"]].update(rate_per_minute=3, max_concurrent=1)
     tenants[TENANTS["one"]].update(max_concurrent=1, max_stored_bytes=100_000)
     tokens.write_text(json.dumps({"tenants": tenants}))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mcp_codeexec", "--transport", "http", "--port", str(port), "--tokens", str(tokens),
-         "--image", IMAGE, "--tenant", TENANT, "--data-dir", DATA_DIR, "--timeout", "20", "--memory", "1g", "--max-upload", "1m"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                if httpx2.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                pass
-            assert proc.poll() is None, "server exited"
-            time.sleep(0.2)
+    with http_server("--tokens", str(tokens), "--timeout", "20", "--memory", "1g", "--max-upload", "1m") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def headers(role: str) -> dict[str, str]:
@@ -212,3 +183,94 @@ async def test_files_api_round_trip_and_metering(remote):
         )
         metrics = (await http.get(f"{remote}/metrics")).text
         assert 'mcp_codeexec_calls_total{tool="bash_code_execution",outcome="ok"}' in metrics
+
+
+async def test_max_concurrent_and_cancellation_frees_the_slot(remote):
+    refused = {"type": "bash_code_execution_tool_result_error", "error_code": "too_many_requests"}
+    async with http_session(remote, "one") as s:  # max_concurrent 1
+        await s.bash("rm -f first-started")
+        async with anyio.create_task_group() as tg:
+            long_call = anyio.CancelScope()
+
+            async def first() -> None:
+                with long_call:
+                    await s.bash("touch first-started; sleep 600")
+
+            tg.start_soon(first)
+            await anyio.sleep(3)  # the first call holds the tenant's one slot
+            assert await s.bash("echo second") == refused
+            r = await s.call("text_editor_code_execution", {"command": "view", "path": "."})
+            assert r["error_code"] == "too_many_requests" and "limit 1" in r["error_message"], r
+            long_call.cancel()
+        # The cancelled call gave its slot back (and its command is gone).
+        r = await s.bash("ls first-started; ps -eo args | grep -c '^sleep 600' || true")
+        assert r["stdout"] == "first-started\n0\n", r
+
+
+async def test_files_api_metadata_disposition_quota_and_container_put(remote):
+    async with httpx2.AsyncClient(headers=headers("one"), timeout=60) as http:
+        for f in (await http.get(f"{remote}/v1/files")).json()["data"]:  # a clean slate for the quota
+            await http.delete(f"{remote}/v1/files/{f['id']}")
+        up = await http.post(f"{remote}/v1/files", files={"file": ("résumé 1.txt", b"hello\n" * 10_000, "text/plain")})
+        assert up.status_code == 201, up.text
+        meta = up.json()
+        assert set(meta) == {"type", "id", "filename", "size_bytes", "mime_type", "created_at", "downloadable",
+                             "tenant", "container_id", "path"}
+        assert (meta["type"], meta["filename"], meta["size_bytes"], meta["mime_type"], meta["downloadable"]) == (
+            "file", "résumé 1.txt", 60_000, "text/plain", True)
+        assert (meta["container_id"], meta["path"]) == (None, None) and meta["id"].startswith("file_")
+        assert (await http.get(f"{remote}/v1/files/{meta['id']}")).json() == meta
+        content = await http.get(f"{remote}/v1/files/{meta['id']}/content")
+        assert content.content == b"hello\n" * 10_000
+        assert content.headers["content-disposition"] == "attachment; filename*=UTF-8''r%C3%A9sum%C3%A9%201.txt"
+        assert content.headers["content-type"].startswith("text/plain")
+        # max_stored_bytes 100_000: a second 60 KB file would pass it.
+        over = await http.post(f"{remote}/v1/files", files={"file": ("more.bin", b"x" * 60_000)})
+        assert over.status_code == 429 and over.json()["error"]["type"] == "rate_limit_error", over.text
+        assert [f["id"] for f in (await http.get(f"{remote}/v1/files")).json()["data"]] == [meta["id"]]
+        small = await http.post(f"{remote}/v1/files", files={"file": ("small.csv", b"a,b\n1,2\n")})
+        assert small.status_code == 201
+        # Into a container: by default under uploads/, or at the path named.
+        async with http_session(remote, "one") as s:
+            await s.bash("true")
+            cid = s.last_meta["container"]["id"]
+            put = await http.post(f"{remote}/v1/containers/{cid}/files", json={"file_id": small.json()["id"]})
+            assert put.status_code == 201 and put.json() == {
+                "container_id": cid, "file_id": small.json()["id"], "path": "/workspace/uploads/small.csv"}
+            put = await http.post(f"{remote}/v1/containers/{cid}/files", json={"file_id": meta["id"], "path": "/workspace/in/r.txt"})
+            assert put.status_code == 201 and put.json()["path"] == "/workspace/in/r.txt"
+            r = await s.bash("cat uploads/small.csv; wc -c < in/r.txt")
+            assert r["stdout"] == "a,b\n1,2\n60000\n", r
+        bad = await http.post(f"{remote}/v1/containers/{cid}/files", json={"path": "x"})
+        assert bad.status_code == 400
+        missing = await http.post(f"{remote}/v1/containers/{cid}/files", json={"file_id": "file_" + "Q" * 24})
+        assert missing.status_code == 404 and missing.json()["error"]["message"] == "file not found"
+        for f in (meta, small.json()):
+            assert (await http.delete(f"{remote}/v1/files/{f['id']}")).json() == {"id": f["id"], "type": "file_deleted"}
+
+
+async def test_sse_messages_need_a_token(remote):
+    async with httpx2.AsyncClient() as http:
+        for auth in ({}, {"Authorization": "Bearer wrong"}):
+            r = await http.post(f"{remote}/messages/?session_id=" + "0" * 32, json={}, headers=auth)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+async def test_stateless_calls_share_the_default_container_sessions_do_not(remote):
+    ids = []
+    for _ in range(2):
+        async with http_session(remote, "b", mode="legacy") as s:  # handshake: an Mcp-Session-Id each
+            assert s.client.protocol_version != "2026-07-28"
+            await s.bash("true")
+            ids.append(s.last_meta["container"]["id"])
+    assert ids[0] != ids[1]
+    stateless = []
+    for _ in range(2):
+        async with http_session(remote, "b") as s:  # 2026-07-28: no session
+            await s.bash("true")
+            stateless.append(s.last_meta["container"]["id"])
+            assert s.client.protocol_version == "2026-07-28"
+    assert stateless[0] == stateless[1] and stateless[0] not in ids
+    async with http_session(remote, "b") as s:  # naming a container keeps several apart
+        await s.bash("true", meta={"container": ids[0]})
+        assert s.last_meta["container"]["id"] == ids[0]
