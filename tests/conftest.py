@@ -115,6 +115,21 @@ async def connect(*args: str, errlog: TextIO | None = None) -> AsyncIterator[Ses
         yield Session(client)
 
 
+def server_pids(marker: str) -> list[int]:
+    """Server processes started with `marker` among their arguments (an unusual flag value)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"mcp_codeexec" in args and b"-m" in args and marker.encode() in args:
+                pids.append(int(entry))
+    return pids
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

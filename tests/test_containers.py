@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import anyio
 import pytest
 
-from conftest import TENANT, both, connect, wait_for
+from conftest import TENANT, both, connect, server_pids, wait_for
 from mcp_codeexec.config import Settings
 from mcp_codeexec.containers import ContainerManager
 from mcp_codeexec.deployment.base import Deployment, SandboxRecord
@@ -42,19 +42,6 @@ async def test_reuse_across_servers_by_flag_and_by_meta(engine):
         assert r["error_code"] == "file_not_found" and c.last_meta["container"]["id"] != cid
         r = await c.call("bash_code_execution", {"command": "cat note.txt"}, meta={"container": {"id": cid}})
         assert r["stdout"] == "from-a\n"
-
-
-def server_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if b"mcp_codeexec" in cmdline and marker.encode() in cmdline:
-                pids.append(int(entry))
-    return pids
 
 
 async def test_files_survive_kill_9_of_the_server_and_of_the_container(engine):

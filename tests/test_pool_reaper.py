@@ -16,7 +16,7 @@ import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import TENANT, Session, connect, http_server
+from conftest import TENANT, Session, connect, http_server, server_pids
 from test_operations import metric
 
 pytestmark = pytest.mark.anyio
@@ -26,16 +26,8 @@ OWNER = "org.mcp-codeexec.pool-owner"
 
 
 def server_pid(marker: str) -> int:
-    """The server process started with `marker` among its arguments."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                args = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if b"mcp_codeexec" in args and marker.encode() in args and b"-m" in args:
-                return int(entry)
-    raise AssertionError(f"no server process with {marker}")
+    [pid] = server_pids(marker)
+    return pid
 
 
 def pool_of(engine, pid: int) -> list[str]:
