@@ -73,6 +73,10 @@ class Session:
         self.client = client
 
     async def call(self, tool: str, arguments: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return (await self.call_full(tool, arguments, **kwargs))[0]
+
+    async def call_full(self, tool: str, arguments: dict[str, Any], **kwargs: Any) -> tuple[dict[str, Any], Any]:
+        """(the validated result object, the whole MCP result: content blocks, _meta)."""
         result = await self.client.call_tool(tool, arguments, **kwargs)
         structured = result.structured_content
         assert isinstance(structured, dict), result
@@ -86,7 +90,7 @@ class Session:
         if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests", "unavailable") or container:
             assert container and set(container) == {"id", "expires_at"}
             self.last_meta = result.meta
-        return structured
+        return structured, result
 
     async def bash(self, command: Any, **kwargs: Any) -> dict[str, Any]:
         return await self.call("bash_code_execution", {"command": command}, **kwargs)

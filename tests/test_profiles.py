@@ -8,6 +8,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
 from conftest import connect
+from test_bash import split_capped
 
 pytestmark = pytest.mark.anyio
 
@@ -78,3 +79,15 @@ async def test_code_invalid_input(engine, arguments):
     async with connect("--profile", "20260120", "--no-prepare") as s:
         r = await s.call("code_execution", arguments)
         assert r == {"type": "code_execution_tool_result_error", "error_code": "invalid_tool_input"}
+
+
+async def test_repl_output_is_capped_like_bash(engine):
+    async with connect("--profile", "20260120", "--max-output", "10000", "--memory", "1g") as s:
+        # 100_000 'x' and a newline on stdout, 30_000 'e' on stderr: each capped at 10_000.
+        r = await s.python("import sys\nprint('x' * 100_000)\nsys.stderr.write('e' * 30_000)")
+        head, numbers, tail = split_capped(r["stdout"])
+        assert numbers == (100_001 - 10_000, "stdout", 100_001, 5_000, 5_000)
+        assert head == "x" * 5_000 and tail == "x" * 4_999 + "\n"
+        head, numbers, tail = split_capped(r["stderr"])
+        assert numbers == (30_000 - 10_000, "stderr", 30_000, 5_000, 5_000) and head + tail == "e" * 10_000
+        assert r["return_code"] == 0
