@@ -51,14 +51,15 @@ async def test_unicode_and_binary_output(sandbox):
 
 async def test_timeout_kills_the_whole_tree(engine):
     exceeded = {"type": "bash_code_execution_tool_result_error", "error_code": "execution_time_exceeded"}
-    async with connect("--timeout", "1", "--memory", "1g") as s:
+    async with connect("--timeout", "4", "--memory", "1g") as s:
         # /tmp is a tmpfs: its marker is lost if the sandbox is restarted, which tells "the
         # command's tree was killed" apart from "the whole sandbox was". The 60 bystanders
         # (background processes outlive their call) must outlive the kill too; they also
         # slow the agent's look at the process table, which once let a setsid child that
-        # lost its parent escape (7 rounds in 10).
-        await s.bash("echo same-sandbox > /tmp/tree-marker; for i in $(seq 60); do sleep 999 & done")
-        for _ in range(4):
+        # lost its parent escape (in 7 rounds of 10 before that was fixed).
+        r = await s.bash("echo same-sandbox > /tmp/tree-marker; for i in $(seq 60); do sleep 999 & done")
+        assert r["return_code"] == 0, r
+        for _ in range(3):
             r = await s.bash("sleep 1000 & setsid sleep 1001 & (trap '' TERM HUP; sleep 1003) & sleep 1002")
             assert r == exceeded
             r = await s.bash("ps -eo args | grep -c '^sleep 100[0-3]' || true; ps -eo args | grep -c '^sleep 999'; cat /tmp/tree-marker")
