@@ -250,8 +250,13 @@ async def test_files_api_metadata_disposition_quota_and_container_put(remote):
             assert put.status_code == 201 and put.json()["path"] == "/workspace/in/r.txt"
             r = await s.bash("cat uploads/small.csv; wc -c < in/r.txt")
             assert r["stdout"] == "a,b\n1,2\n60000\n", r
+        put = await http.post(f"{remote}/v1/containers/{cid}/files", json={"file_id": meta["id"], "path": "rel/r.txt"})
+        assert put.status_code == 201 and put.json()["path"] == "rel/r.txt"  # relative to the working directory
         bad = await http.post(f"{remote}/v1/containers/{cid}/files", json={"path": "x"})
         assert bad.status_code == 400
+        for outside in ("/etc/x.txt", "../../tmp/x.txt", "/workspace/../x", "", "/workspace"):
+            bad = await http.post(f"{remote}/v1/containers/{cid}/files", json={"file_id": meta["id"], "path": outside})
+            assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", (outside, bad.text)
         missing = await http.post(f"{remote}/v1/containers/{cid}/files", json={"file_id": "file_" + "Q" * 24})
         assert missing.status_code == 404 and missing.json()["error"]["message"] == "file not found"
         for f in (meta, small.json()):
