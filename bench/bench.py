@@ -136,10 +136,9 @@ async def wait_for_pool_container(api: docker.APIClient, owner_pid: int, timeout
     raise TimeoutError("the warm pool never got a ready container")
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace, tenant: str) -> None:
     rows: list[tuple[str, list[float]]] = []
     api = docker.APIClient(version="auto")
-    tenant = f"bench-{secrets.token_hex(3)}"
     async with Client(params(args.image, tenant)) as client:
 
         async def call(tool: str, arguments: dict) -> dict:
@@ -231,7 +230,15 @@ async def main(args: argparse.Namespace) -> None:
           "measured again" if missed else "warm pool: every measured call got the pool's container")
     print(f"idle sandbox memory (PSS of its gVisor processes, shim excluded): running {idle_running_kib / 1024:.1f} MiB; "
           f"stopped {stopped_kib / 1024:.1f} MiB")
-    await DockerDeployment().remove_all(f"mcp-codeexec.{tenant}.")
+
+
+async def run(args: argparse.Namespace) -> None:
+    tenant = f"bench-{secrets.token_hex(3)}"  # this run's containers, and no other's
+    try:
+        await main(args, tenant)
+    finally:  # also when a row fails: leave no sandbox behind
+        with anyio.CancelScope(shield=True):
+            await DockerDeployment().remove_all(f"mcp-codeexec.{tenant}.")
 
 
 if __name__ == "__main__":
@@ -240,4 +247,4 @@ if __name__ == "__main__":
     ap.add_argument("--sessions", type=int, default=5)
     ap.add_argument("--image", default="mcp-codeexec-sandbox:latest")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    anyio.run(main, ap.parse_args())
+    anyio.run(run, ap.parse_args())
