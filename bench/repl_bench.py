@@ -1,32 +1,32 @@
 #!/usr/bin/env python3
-"""Per-cell latency of the persistent Python REPL vs a fresh interpreter per call.
+"""`code_execution` latency per profile, through MCP: the persistent interpreter of
+`--profile 20260120` against a fresh interpreter per call.
 
-Drives the real agent in a real gVisor sandbox directly (no MCP layer), so the rows differ
-only in what runs inside the sandbox. Usage: .venv/bin/python bench/repl_bench.py [--calls 200]
+Runs the real server over stdio with the `mcp` SDK's client, real Docker and gVisor.
+Usage: .venv/bin/python bench/repl_bench.py [--calls 200] [--sessions 5]
 
-Rows:
-- repl cell `x = 1`: a Repl request on the warm persistent interpreter;
-- fresh `python3 -c 'x = 1'`: an Exec request, one new interpreter per call (the 20250522 way);
-- exec `true`: an Exec request of `bash -c true` (the floor for any Exec);
-- first cell: interpreter start + the cell, after a ReplReset.
-Round trip is measured at the client; "agent" is the agent's own duration for the request.
+Rows (all end to end through the client):
+- `--profile 20260120`, `code_execution` `x = 1`: a cell on the warm persistent interpreter;
+- `--profile 20250522`, `code_execution` `x = 1`: the legacy profile, a fresh interpreter
+  per call;
+- `bash_code_execution` `python3 -c 'x = 1'`: a fresh interpreter through bash;
+- `bash_code_execution` `true`: the cost of any call that spawns a process;
+- first cell of a session (`--profile 20260120`): the interpreter's start plus the cell,
+  on a sandbox already running (a bash call first).
 """
 
 from __future__ import annotations
 
 import argparse
 import secrets
+import sys
 import time
-from collections.abc import Callable
 
 import anyio
+from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters
 
-from mcp_codeexec.agent import client as c
-from mcp_codeexec.agent import protocol as p
-from mcp_codeexec.deployment.base import SandboxSpec
 from mcp_codeexec.deployment.docker import DockerDeployment
-
-WORKDIR = "/workspace"
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -34,74 +34,58 @@ def pct(samples: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] * 1000
 
 
-async def measure(
-    agent: c.AgentClient, make: Callable[[], p.Request], calls: int, reset_first: bool = False
-) -> tuple[list[float], list[float]]:
-    trips, durations = [], []
-    for _ in range(calls):
-        if reset_first:
-            await agent.request(p.ReplReset())
-        started = time.perf_counter()
-        reply = await agent.request(make())
-        trips.append(time.perf_counter() - started)
-        assert isinstance(reply, p.ExecResult) and reply.return_code == 0, reply
-        durations.append(reply.duration)
-    return trips, durations
+def params(image: str, tenant: str, profile: str) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_codeexec", "--image", image, "--tenant", tenant, "--profile", profile, "--log-level", "WARNING"],
+    )
 
 
-async def main(calls: int, image: str) -> None:
-    deployment = DockerDeployment()
-    await deployment.check(image)
-    name = f"mcp-codeexec-bench-repl-{secrets.token_hex(4)}"
-    await deployment.create(
-        SandboxSpec(
-            name=name, volume=name, image=image, runtime="runsc", memory_bytes=1 << 30, cpus=1,
-            pids_limit=256, workdir=WORKDIR, tmp_bytes=64 << 20,
-            env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"},
-        )
-    )  # fmt: skip
+async def timed_calls(client: Client, tool: str, arguments: dict, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        result = await client.call_tool(tool, arguments)
+        samples.append(time.perf_counter() - t)
+        assert not result.is_error and result.structured_content["return_code"] == 0, result.structured_content
+    return samples
+
+
+async def main(args: argparse.Namespace) -> None:
+    tenant = f"bench-repl-{secrets.token_hex(3)}"
+    cell = {"code": "x = 1"}
+    rows: list[tuple[str, list[float]]] = []
     try:
-        await deployment.start(name)
-        stream = await deployment.open_agent(name, c.agent_argv(), {"MCP_CODEEXEC_ROOT": WORKDIR})
-        agent = c.AgentClient(stream)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent.serve)
-            await agent.start()
-            await agent.request(p.Ping())
-
-            def repl() -> p.Request:
-                return p.Repl(code="x = 1", timeout=30, max_output=10000)
-
-            def fresh() -> p.Request:
-                return p.Exec(command="python3 -c 'x = 1'", cwd=WORKDIR, timeout=30, max_output=10000)
-
-            def true() -> p.Request:
-                return p.Exec(command="true", cwd=WORKDIR, timeout=30, max_output=10000)
-
-            await measure(agent, repl, 5)  # warm up: start the interpreter, fill caches
-            await measure(agent, fresh, 5)
-            rows = [
-                ("repl cell `x = 1`", await measure(agent, repl, calls)),
-                ("fresh `python3 -c 'x = 1'`", await measure(agent, fresh, calls)),
-                ("exec `true` (floor)", await measure(agent, true, calls)),
-                ("first cell (start + cell)", await measure(agent, repl, max(5, calls // 10), reset_first=True)),
-            ]
-            await agent.aclose()
-            tg.cancel_scope.cancel()
+        async with Client(params(args.image, tenant, "20260120")) as client:
+            await timed_calls(client, "code_execution", cell, 5)  # start the sandbox and the interpreter
+            await timed_calls(client, "bash_code_execution", {"command": "python3 -c 'x = 1'"}, 5)
+            rows.append(("--profile 20260120: code_execution `x = 1`", await timed_calls(client, "code_execution", cell, args.calls)))
+            bash_python = await timed_calls(client, "bash_code_execution", {"command": "python3 -c 'x = 1'"}, args.calls)
+            bash_true = await timed_calls(client, "bash_code_execution", {"command": "true"}, args.calls)
+        async with Client(params(args.image, tenant, "20250522")) as client:
+            await timed_calls(client, "code_execution", cell, 5)
+            rows.append(("--profile 20250522: code_execution `x = 1`", await timed_calls(client, "code_execution", cell, args.calls)))
+        rows.append(("bash_code_execution `python3 -c 'x = 1'`", bash_python))
+        rows.append(("bash_code_execution `true`", bash_true))
+        first = []
+        for _ in range(args.sessions):
+            async with Client(params(args.image, tenant, "20260120")) as client:
+                await timed_calls(client, "bash_code_execution", {"command": "true"}, 1)  # the sandbox is up
+                first += await timed_calls(client, "code_execution", cell, 1)
+        rows.append(("first cell of a session (interpreter start + cell)", first))
     finally:
         with anyio.CancelScope(shield=True):
-            await deployment.remove(name)
-    base = pct(rows[0][1][0], 0.5)
-    print(f"{'request':32} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'agent p50':>10} {'x repl p50':>11}")
-    for label, (trips, durations) in rows:
-        p50 = pct(trips, 0.5)
-        p99, agent_p50 = pct(trips, 0.99), pct(durations, 0.5)
-        print(f"{label:32} {len(trips):>5} {p50:>8.2f} {p99:>8.2f} {agent_p50:>10.2f} {p50 / base:>11.1f}")
+            await DockerDeployment().remove_all(f"mcp-codeexec.{tenant}.")
+    base = pct(rows[0][1], 0.5)
+    print(f"{'call, through MCP':52} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'x repl p50':>11}")
+    for label, samples in rows:
+        p50 = pct(samples, 0.5)
+        print(f"{label:52} {len(samples):>5} {p50:>8.2f} {pct(samples, 0.99):>8.2f} {p50 / base:>11.1f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--sessions", type=int, default=5)
     parser.add_argument("--image", default="mcp-codeexec-sandbox:latest")
-    args = parser.parse_args()
-    anyio.run(main, args.calls, args.image)
+    anyio.run(main, parser.parse_args())

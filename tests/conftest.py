@@ -4,18 +4,23 @@ real Docker and real gVisor. Without Docker these tests FAIL (never skip)."""
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, TextIO
 
 import anyio
 import docker
+import httpx2
 import pytest
 from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters
+from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from mcp_codeexec.containers import _owner_alive
 from mcp_codeexec.deployment.docker import DockerDeployment
@@ -31,7 +36,9 @@ TENANT = os.environ.get("MCP_CODEEXEC_TEST_TENANT", "pytest")
 def remove_test_containers(api: docker.APIClient) -> None:
     """Remove the tests' containers the way the server does (workspace volume, and its disk
     quota's loop device and backing file too), and pool containers whose owner is gone."""
-    for prefix in (f"mcp-codeexec.{TENANT}.", f"mcp-codeexec.{TENANT}-"):  # pytest, pytest-b, ...
+    # The test tenant and its family (pytest-t, pytest-t-b, ...), and no other run's tenant
+    # that merely starts with the same letters.
+    for prefix in (f"mcp-codeexec.{TENANT}.", f"mcp-codeexec.{TENANT}-"):
         anyio.run(DockerDeployment().remove_all, prefix)
     for c in api.containers(all=True, filters={"name": "mcp-codeexec-pool."}):
         owner = (c.get("Labels") or {}).get(f"{LABEL}.pool-owner", "")
@@ -66,6 +73,10 @@ class Session:
         self.client = client
 
     async def call(self, tool: str, arguments: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return (await self.call_full(tool, arguments, **kwargs))[0]
+
+    async def call_full(self, tool: str, arguments: dict[str, Any], **kwargs: Any) -> tuple[dict[str, Any], Any]:
+        """(the validated result object, the whole MCP result: content blocks, _meta)."""
         result = await self.client.call_tool(tool, arguments, **kwargs)
         structured = result.structured_content
         assert isinstance(structured, dict), result
@@ -75,11 +86,11 @@ class Session:
         assert result.is_error == structured["type"].endswith("_tool_result_error")
         container = (result.meta or {}).get("container")
         # Every result names its container, except where none was reached (bad input, an id
-        # that names no live container, a call refused by a rate limit).
-        if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests", "file_not_found") or container:
+        # that names no live container, a call refused by a rate limit, no engine or image).
+        if structured.get("error_code") not in ("invalid_tool_input", "container_expired", "too_many_requests", "unavailable", "file_not_found") or container:
             assert container and set(container) == {"id", "expires_at"}, structured
             self.last_meta = result.meta
-        return structured
+        return structured, result
 
     async def bash(self, command: Any, **kwargs: Any) -> dict[str, Any]:
         return await self.call("bash_code_execution", {"command": command}, **kwargs)
@@ -101,9 +112,62 @@ def server_params(*args: str) -> StdioServerParameters:
 
 
 @asynccontextmanager
-async def connect(*args: str) -> AsyncIterator[Session]:
-    async with Client(server_params(*args)) as client:
+async def connect(*args: str, errlog: TextIO | None = None) -> AsyncIterator[Session]:
+    """A stdio client of a new server process; its stderr (logs) to `errlog` if given."""
+    params = server_params(*args)
+    async with Client(stdio_client(params, errlog=errlog) if errlog else params) as client:
         yield Session(client)
+
+
+def server_pids(marker: str) -> list[int]:
+    """Server processes started with `marker` among their arguments (an unusual flag value)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"mcp_codeexec" in args and b"-m" in args and marker.encode() in args:
+                pids.append(int(entry))
+    return pids
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[str]:
+    """A server process on Streamable HTTP/SSE on loopback; yields its base URL once it
+    answers /healthz (200, or 503 when it has no engine). Its stderr goes to `log`."""
+    port = free_port()
+    stderr = open(log, "w") if log else None  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcp_codeexec", "--transport", "http", "--port", str(port), "--image", IMAGE,
+         "--tenant", TENANT, "--data-dir", DATA_DIR, *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stderr=stderr,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if httpx2.get(f"{base}/healthz", timeout=15).status_code in (200, 503):
+                    break
+            except httpx2.HTTPError:
+                pass
+            assert proc.poll() is None, "server exited"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if stderr:
+            stderr.close()
 
 
 # One server for most tests: short time limit and small memory so the hostile cases are quick.
@@ -121,3 +185,21 @@ async def _python(self: Session, code: str, **kwargs: Any) -> dict[str, Any]:
 
 
 Session.python = _python  # type: ignore[attr-defined]
+
+
+def wait_for(path: str, seconds: int = 8) -> str:
+    """A shell condition: true once `path` exists (in the sandbox), false after `seconds`."""
+    return f"for i in $(seq {seconds * 10}); do [ -e {path} ] && break; sleep 0.1; done; [ -e {path} ]"
+
+
+async def both(*calls: tuple[Session, str]) -> list[dict[str, Any]]:
+    """Run bash calls (session, command) at once; their results, in order."""
+    results: list[dict[str, Any]] = [{}] * len(calls)
+
+    async def run(i: int, session: Session, command: str) -> None:
+        results[i] = await session.bash(command)
+
+    async with anyio.create_task_group() as tg:
+        for i, (session, command) in enumerate(calls):
+            tg.start_soon(run, i, session, command)
+    return results

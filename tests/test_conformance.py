@@ -29,14 +29,14 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from conftest import DATA_DIR, IMAGE
+from conftest import DATA_DIR, IMAGE, TENANT as TEST_TENANT
 
 CONFORMANCE_VERSION = "0.1.16"
 NODE_VERSION = "22.23.3"
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = REPO / ".cache" / "conformance"
 RESULTS = REPO / ".cache" / "conformance-results.json"
-TENANT = "pytest-conformance"  # tests/conftest.py removes mcp-codeexec.pytest* containers
+TENANT = f"{TEST_TENANT}-conformance"  # tests/conftest.py removes the test tenant's family
 
 INSTALL_TIMEOUT = 100  # cold install: ~15 s here
 START_TIMEOUT = 30

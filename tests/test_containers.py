@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
+from datetime import datetime, timedelta
 
 import anyio
 import pytest
 
-from conftest import TENANT, connect
+from conftest import TENANT, both, connect, server_pids, wait_for
 from mcp_codeexec.config import Settings
 from mcp_codeexec.containers import ContainerManager
+from mcp_codeexec.deployment.base import Deployment, SandboxRecord
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 pytestmark = pytest.mark.anyio
@@ -41,19 +42,6 @@ async def test_reuse_across_servers_by_flag_and_by_meta(engine):
         assert r["error_code"] == "file_not_found" and c.last_meta["container"]["id"] != cid
         r = await c.call("bash_code_execution", {"command": "cat note.txt"}, meta={"container": {"id": cid}})
         assert r["stdout"] == "from-a\n"
-
-
-def server_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if b"mcp_codeexec" in cmdline and marker.encode() in cmdline:
-                pids.append(int(entry))
-    return pids
 
 
 async def test_files_survive_kill_9_of_the_server_and_of_the_container(engine):
@@ -107,7 +95,7 @@ async def test_other_tenants_container_is_not_found(engine):
     async with connect(*FAST) as a:
         await a.bash("true")
         cid = a.last_meta["container"]["id"]
-    async with connect(*FAST, "--tenant", "someone-else", "--no-prepare") as other:
+    async with connect(*FAST, "--tenant", f"{TENANT}-other", "--no-prepare") as other:
         assert (await other.bash("true", meta={"container": cid}))["error_code"] == "container_expired"
         listing = json.loads((await other.client.read_resource("codeexec://containers")).contents[0].text)
         assert listing == {"containers": []}
@@ -124,8 +112,7 @@ async def test_idle_container_is_stopped_and_restarted_transparently(engine):
         assert not engine.inspect_container(name_of(cid))["State"]["Running"]
         assert (await a.bash("cat i.txt"))["stdout"] == "idle\n"
         listing = json.loads((await a.client.read_resource("codeexec://containers")).contents[0].text)["containers"]
-        mine = next(c for c in listing if c["id"] == cid)
-        assert mine["state"] == "running" and (mine["size_bytes"] is None or mine["size_bytes"] >= 0)
+        assert [c["state"] for c in listing if c["id"] == cid] == ["running"]
 
 
 async def test_two_servers_share_one_container_in_parallel(engine):
@@ -133,18 +120,25 @@ async def test_two_servers_share_one_container_in_parallel(engine):
         await a.bash("true")
         cid = a.last_meta["container"]["id"]
         async with connect(*FAST, "--container", cid) as b:
-            results = {}
+            # Each call waits (up to 8 s) for a file only the other call writes: if the two
+            # were run one after the other, in either order, the first would not see it.
+            results = await both(
+                (a, "echo A > a-started; " + wait_for("b-started") + " && echo A-saw-B"),
+                (b, "echo B > b-started; " + wait_for("a-started") + " && echo B-saw-A"),
+            )
+            assert [r["stdout"] for r in results] == ["A-saw-B\n", "B-saw-A\n"], results
+            assert (await b.bash("cat a-started b-started"))["stdout"] == "A\nB\n"
 
-            async def run(session, key, command):
-                results[key] = await session.bash(command)
 
-            started = time.monotonic()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run, a, "slow", "sleep 2; echo A > shared-a; echo A")
-                tg.start_soon(run, b, "fast", "echo B > shared-b; echo B")
-            assert results["slow"]["stdout"] == "A\n" and results["fast"]["stdout"] == "B\n"
-            assert time.monotonic() - started < 4  # served side by side, not one after the other
-            assert (await b.bash("cat shared-a shared-b"))["stdout"] == "A\nB\n"
+async def test_parallel_calls_in_one_session(sandbox):
+    """One client, two calls in flight at once on its one container (the handshake below
+    cannot complete if the server or the agent runs them one after the other)."""
+    await sandbox.bash("rm -f p-one p-two")
+    results = await both(
+        (sandbox, "touch p-one; " + wait_for("p-two") + " && echo one-saw-two"),
+        (sandbox, "touch p-two; " + wait_for("p-one") + " && echo two-saw-one"),
+    )
+    assert [r["stdout"] for r in results] == ["one-saw-two\n", "two-saw-one\n"], results
 
 
 async def test_running_cap_stops_the_idle_one(engine):
@@ -187,3 +181,76 @@ async def test_pool_never_hands_one_container_to_two_sessions(engine):
         await manager.shutdown()
         tg.cancel_scope.cancel()
     assert not engine.containers(all=True, filters={"name": "mcp-codeexec-pool."})
+
+
+def parse_time(text: str) -> datetime:
+    assert text.endswith("Z"), text
+    return datetime.fromisoformat(text[:-1] + "+00:00")
+
+
+async def containers_listing(session) -> dict[str, dict]:
+    text = (await session.client.read_resource("codeexec://containers")).contents[0].text
+    return {c["id"]: c for c in json.loads(text)["containers"]}
+
+
+@pytest.mark.timeout(180)
+async def test_containers_resource_states_times_and_size(engine):
+    """codeexec://containers: id, created, expires, state (running, stopped, expired), size."""
+    lifetime = 20
+    # The default reap interval (60 s) leaves an expired container listed as such for a while.
+    args = ("--timeout", "20", "--memory", "1g", "--disk", "0", "--lifetime", f"{lifetime}s")
+    before = datetime.now().astimezone().replace(microsecond=0)
+    async with connect(*args) as a:
+        await a.bash("head -c 3000000 /dev/zero > three-mb.bin")
+        cid, expires_at = a.last_meta["container"]["id"], a.last_meta["container"]["expires_at"]
+        after = datetime.now().astimezone()
+        mine = (await containers_listing(a))[cid]
+        assert set(mine) == {"id", "created_at", "expires_at", "state", "size_bytes"}
+        assert mine["state"] == "running" and mine["expires_at"] == expires_at
+        created = parse_time(mine["created_at"])
+        assert before <= created <= after
+        assert parse_time(mine["expires_at"]) - created == timedelta(seconds=lifetime)
+        # The engine measures the workspace volume: the 3 MB file, and not much more.
+        assert 3_000_000 <= mine["size_bytes"] < 3_500_000, mine
+    # Its server is gone: the container is stopped, files kept. (Its "expired" state is
+    # checked in test_containers_listing_says_expired: any server on the engine reaps an
+    # expired container, so here it could be gone before it is listed.)
+    async with connect(*args, "--no-prepare") as b:
+        listing = await containers_listing(b)
+        assert listing[cid]["state"] == "stopped" and listing[cid]["size_bytes"] >= 3_000_000, listing[cid]
+
+
+class ListingOnly(Deployment):
+    """An engine that only lists (the listing's logic, without Docker)."""
+
+    def __init__(self, records: list[SandboxRecord]) -> None:
+        self.records = records
+
+    async def list(self, prefix: str) -> list[SandboxRecord]:
+        return [r for r in self.records if r.name.startswith(prefix)]
+
+    async def volume_sizes(self) -> dict[str, int]:
+        return {"ws-1": 4096, "ws-2": -1}
+
+
+ListingOnly.__abstractmethods__ = frozenset()  # a listing uses nothing else
+
+
+async def test_containers_listing_says_expired():
+    labels = lambda created, expires, volume: {  # noqa: E731
+        "org.mcp-codeexec.created_at": created, "org.mcp-codeexec.expires_at": expires, "org.mcp-codeexec.volume": volume,
+    }
+    ids = ["container_" + c * 24 for c in "ABC"]
+    records = [
+        SandboxRecord(f"mcp-codeexec.t.{ids[0]}", labels("2020-01-01T00:00:00Z", "2020-01-31T00:00:00Z", "ws-1"), running=False),
+        SandboxRecord(f"mcp-codeexec.t.{ids[1]}", labels("2020-01-02T00:00:00Z", "2999-01-01T00:00:00Z", "ws-2"), running=True),
+        SandboxRecord(f"mcp-codeexec.t.{ids[2]}", labels("2020-01-03T00:00:00Z", "2999-01-01T00:00:00Z", "ws-9"), running=False),
+        SandboxRecord(f"mcp-codeexec.other.{'container_' + 'D' * 24}", labels("2020-01-01T00:00:00Z", "2999-01-01T00:00:00Z", "x"), running=True),
+    ]
+    async with anyio.create_task_group() as tg:
+        listing = await ContainerManager(Settings(), ListingOnly(records), tg).list("t")
+    assert listing == [
+        {"id": ids[0], "created_at": "2020-01-01T00:00:00Z", "expires_at": "2020-01-31T00:00:00Z", "state": "expired", "size_bytes": 4096},
+        {"id": ids[1], "created_at": "2020-01-02T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z", "state": "running", "size_bytes": None},
+        {"id": ids[2], "created_at": "2020-01-03T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z", "state": "stopped", "size_bytes": None},
+    ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import struct
 import zlib
 
+import anyio
 import pytest
 
 pytestmark = pytest.mark.anyio
@@ -149,3 +151,38 @@ async def test_unicode_paths_and_large_file(sandbox):
 async def test_invalid_input(sandbox, arguments):
     r = await sandbox.call("text_editor_code_execution", arguments)
     assert r["error_code"] == "invalid_tool_input" and r["error_message"]
+
+
+READER = """python3 - <<'EOF'
+import collections, hashlib, json, os, time
+seen, deadline = collections.Counter(), time.monotonic() + 4
+while not os.path.exists("stop-reading") and time.monotonic() < deadline:
+    with open("atomic.txt", "rb") as f:
+        seen[hashlib.md5(f.read()).hexdigest()] += 1
+print(json.dumps(seen))
+EOF"""
+
+
+async def test_a_concurrent_reader_never_sees_half_a_file(sandbox):
+    """Editor writes replace the file atomically: a reader running alongside sees the old
+    text or the new one, never a mix or a truncated file."""
+    versions = ["A" * (2 << 20) + "\n", "B" * (2 << 20) + "\n"]
+    digests = {hashlib.md5(v.encode()).hexdigest() for v in versions}
+    await sandbox.edit(command="create", path="atomic.txt", file_text=versions[0])
+    await sandbox.bash("rm -f stop-reading")
+    seen: dict[str, int] = {}
+
+    async def reader() -> None:
+        # One process reading in a loop (a shell loop of md5sum would spawn thousands).
+        r = await sandbox.bash(READER)
+        assert r["return_code"] == 0, r
+        seen.update(json.loads(r["stdout"]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await anyio.sleep(0.5)
+        for i in range(1, 21):
+            r = await sandbox.edit(command="create", path="atomic.txt", file_text=versions[i % 2])
+            assert r.get("is_file_update") is True, r
+        await sandbox.bash("touch stop-reading")
+    assert set(seen) == digests and sum(seen.values()) > 20, seen  # both versions seen, nothing else

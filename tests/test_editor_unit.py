@@ -234,9 +234,15 @@ def test_create_over_directory_refused(ed: Editor, root: Path) -> None:
     assert error(ed.create, "file/child.txt", "x").code == "invalid_tool_input"
 
 
-def test_create_new_file_mode_follows_umask(ed: Editor, root: Path) -> None:
-    ed.create("m.txt", "x")
-    assert stat.S_IMODE((root / "m.txt").stat().st_mode) == 0o666 & ~ed._umask
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_create_new_file_mode_follows_umask(root: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        ed = Editor(str(root), str(root))  # the process's umask when the editor starts
+        ed.create("m.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((root / "m.txt").stat().st_mode) == mode
 
 
 # ----- view --------------------------------------------------------------------------

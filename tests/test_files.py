@@ -9,8 +9,10 @@ import json
 
 import anyio
 import pytest
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
-from conftest import connect
+from conftest import TENANT, connect
 from strict import validate_result
 from test_editor import tiny_png
 
@@ -80,10 +82,18 @@ async def test_big_output_file_is_not_registered_but_reported(sandbox):
     assert (await sandbox.bash("stat -c %s big.bin; rm big.bin"))["stdout"] == "100000000\n"
 
 
+async def resource_error(session, uri: str) -> tuple[int, str]:
+    with pytest.raises(MCPError) as caught:
+        await session.client.read_resource(uri)
+    return caught.value.code, caught.value.message
+
+
 async def test_unknown_file_ids(sandbox):
-    for bad in ("file_" + "Z" * 24, "../../etc/passwd", "nope"):
-        with pytest.raises(Exception):
-            await sandbox.client.read_resource(f"codeexec://files/{bad}")
+    for bad in ("file_" + "Z" * 24, "../../etc/passwd", "nope", "file_" + "Z" * 24 + "/../x"):
+        code, message = await resource_error(sandbox, f"codeexec://files/{bad}")
+        assert code == INVALID_PARAMS and bad in message, (bad, message)
+    code, message = await resource_error(sandbox, "codeexec://no-such-resource")
+    assert code == INVALID_PARAMS and "codeexec://no-such-resource" in message
 
 
 async def test_uploads_named_at_start(tmp_path, engine):
@@ -108,6 +118,82 @@ async def test_files_outlive_their_container_and_tenant_scoping(engine):
         assert (await a.bash("true"))["error_code"] == "container_expired"
         data, _ = await read_file_resource(a, file_id)
         assert data == b"keep-me\n"
-    async with connect("--tenant", "someone-else", "--no-prepare") as other:
-        with pytest.raises(Exception):
-            await read_file_resource(other, file_id)
+    never = "file_" + "Q" * 24  # well-formed, never existed
+    async with connect("--tenant", f"{TENANT}-other", "--no-prepare") as other:
+        theirs = await resource_error(other, f"codeexec://files/{file_id}")
+        unknown = await resource_error(other, f"codeexec://files/{never}")
+        assert theirs[0] == unknown[0] == INVALID_PARAMS
+        assert theirs[1] == unknown[1].replace(never, file_id)  # the same answer, but for the id asked about
+
+
+async def test_inline_jpeg_gif_webp(sandbox):
+    structured, result = await sandbox.call_full("bash_code_execution", {"command": (
+        "mkdir -p pics && python3 -c \"from PIL import Image; im = Image.new('RGB', (8, 6), (200, 30, 10)); "
+        "im.save('pics/a.jpg'); im.save('pics/b.gif'); im.save('pics/c.webp')\"")})
+    assert structured["return_code"] == 0 and len(structured["content"]) == 3, structured
+    inline = {block.mime_type: base64.b64decode(block.data) for block in result.content if block.type == "image"}
+    assert set(inline) == {"image/jpeg", "image/gif", "image/webp"}
+    for entry in structured["content"]:
+        data, mime = await read_file_resource(sandbox, entry["file_id"])
+        assert inline[mime] == data  # the same bytes inline and as the file
+
+
+async def test_inline_image_limit_is_5_mib(sandbox):
+    png = tiny_png()
+    limit = 5 * 1024 * 1024
+    # The same PNG padded to exactly the limit, and to one byte more.
+    command = (
+        f"echo {base64.b64encode(png).decode()} | base64 -d > at.png && cp at.png over.png && "
+        f"truncate -s {limit} at.png && truncate -s {limit + 1} over.png"
+    )
+    structured, result = await sandbox.call_full("bash_code_execution", {"command": command})
+    assert len(structured["content"]) == 2, structured
+    images = [base64.b64decode(block.data) for block in result.content if block.type == "image"]
+    assert [len(i) for i in images] == [limit]  # only the one at the limit comes inline
+    sizes = {}
+    for entry in structured["content"]:  # both are files, whatever their size
+        data, mime = await read_file_resource(sandbox, entry["file_id"])
+        sizes[len(data)] = mime
+    assert sizes == {limit: "image/png", limit + 1: "image/png"}
+
+
+async def test_files_moved_into_place_count(sandbox):
+    r = await sandbox.bash("echo staged > .staging.tmp && mv .staging.tmp final.txt; echo x > /tmp/t && mv /tmp/t from-tmp.txt")
+    paths = await output_paths(sandbox, r)
+    assert paths == {"/workspace/final.txt", "/workspace/from-tmp.txt"}
+
+
+async def test_dependency_trees_are_not_outputs(sandbox):
+    r = await sandbox.bash(
+        "mkdir -p node_modules/pkg site-packages/mod venv/lib proj/node_modules/x proj/venv/bin; "
+        "echo a > node_modules/pkg/index.js; echo b > site-packages/mod/m.py; echo c > venv/lib/v.py; "
+        "echo d > proj/node_modules/x/y.js; echo e > proj/venv/bin/activate; echo f > proj/real.txt"
+    )
+    assert await output_paths(sandbox, r) == {"/workspace/proj/real.txt"}
+
+
+async def output_paths(session, result: dict) -> set[str]:
+    listing = json.loads((await session.client.read_resource("codeexec://files")).contents[0].text)["files"]
+    ids = {c["file_id"] for c in result["content"]}
+    found = {f["path"] for f in listing if f["id"] in ids}
+    assert len(found) == len(ids)
+    return found
+
+
+async def test_code_execution_outputs_and_inline_chart(engine):
+    async with connect("--profile", "20260120", "--timeout", "60", "--memory", "1g") as s:
+        code = (
+            "import matplotlib.pyplot as plt\n"
+            "plt.plot([1, 2, 3], [2, 4, 1]); plt.savefig('chart.png')\n"
+            "open('table.csv', 'w').write('a,b\\n1,2\\n')\n"
+        )
+        structured, result = await s.call_full("code_execution", {"code": code})
+        assert structured["type"] == "code_execution_result" and structured["return_code"] == 0, structured
+        assert [c["type"] for c in structured["content"]] == ["code_execution_output"] * 2
+        by_name = {}
+        for entry in structured["content"]:
+            data, mime = await read_file_resource(s, entry["file_id"])
+            by_name[mime] = data
+        assert by_name["text/csv"] == b"a,b\n1,2\n" and by_name["image/png"].startswith(b"\x89PNG")
+        [chart] = [block for block in result.content if block.type == "image"]
+        assert chart.mime_type == "image/png" and base64.b64decode(chart.data) == by_name["image/png"]

@@ -214,11 +214,16 @@ async def test_pptx_and_docx_written_and_read(box):
         slide = prs.slides.add_slide(prs.slide_layouts[1])
         slide.shapes.title.text = "Results"
         slide.placeholders[1].text = "Revenue up 12%"
-        slide.shapes.add_picture  # the API is there
+        from PIL import Image
+        Image.new("RGB", (40, 30), (200, 10, 10)).save("red.png")
+        slide.shapes.add_picture("red.png", Inches(1), Inches(1), width=Inches(2))
         prs.save("s.pptx")
         read = Presentation("s.pptx")
         texts = [sh.text_frame.text for sh in read.slides[0].shapes if sh.has_text_frame]
         assert texts == ["Results", "Revenue up 12%"], texts
+        pictures = [sh for sh in read.slides[0].shapes if sh.shape_type == 13]  # MSO_SHAPE_TYPE.PICTURE
+        assert len(pictures) == 1 and pictures[0].image.size == (40, 30), pictures
+        assert pictures[0].width == Inches(2) and pictures[0].image.blob == open("red.png", "rb").read()
 
         import docx
         d = docx.Document()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TENANT
+from conftest import TENANT, connect
 
 pytestmark = pytest.mark.anyio
 
@@ -54,3 +54,24 @@ async def test_read_only_root_and_no_host_files(sandbox, engine):
 async def test_runs_under_gvisor_kernel(sandbox):
     r = await sandbox.bash("dmesg 2>/dev/null | head -1; cat /proc/version")
     assert "gVisor" in r["stdout"] or "Starting gVisor" in r["stdout"] or r["stdout"].startswith("Linux version 4.4.0")
+
+
+async def test_two_sandboxes_see_nothing_of_each_other(sandbox, engine):
+    """Two sessions, two sandboxes: files, /tmp, processes and storage are each their own."""
+    a = sandbox
+    await a.bash("echo a-secret > /workspace/a-only.txt; echo a-tmp > /tmp/a-only.txt; (exec -a sleep-in-a sleep 777) &")
+    async with connect("--timeout", "5", "--memory", "1g", "--no-prepare") as b:
+        r = await b.bash(
+            "ls /workspace/a-only.txt /tmp/a-only.txt 2>&1; ps -eo args | grep -c '^sleep-in-a' || true; "
+            "echo b > /workspace/b-only.txt"
+        )
+        assert r["stdout"] == (
+            "ls: cannot access '/workspace/a-only.txt': No such file or directory\n"
+            "ls: cannot access '/tmp/a-only.txt': No such file or directory\n0\n"
+        ), r
+        assert (await b.edit(command="view", path="/workspace/a-only.txt"))["error_code"] == "file_not_found"
+        assert b.last_meta["container"]["id"] != a.last_meta["container"]["id"]
+        mine, theirs = container_of(engine, a), container_of(engine, b)
+        assert [m["Name"] for m in mine["Mounts"]] != [m["Name"] for m in theirs["Mounts"]]
+    r = await a.bash("ls /workspace/b-only.txt 2>&1; ps -eo args | grep -c '^sleep-in-a'; pkill -f sleep-in-a")
+    assert r["stdout"] == "ls: cannot access '/workspace/b-only.txt': No such file or directory\n1\n", r

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import TENANT, connect
+from test_bash import assert_fork_bomb_result, assert_says_why_it_could_not_run
 from mcp_codeexec.deployment import quota as q
 
 pytestmark = pytest.mark.anyio
@@ -14,10 +15,12 @@ pytestmark = pytest.mark.anyio
 
 async def test_process_count_is_bounded_and_the_sandbox_survives(engine):
     pids = 256
-    nproc = q.nproc_limit(pids, "runsc")
     async with connect("--timeout", "20", "--memory", "1g", "--pids", str(pids), "--disk", "0") as a:
         r = await a.bash("ulimit -u; echo here > /tmp/marker")  # /tmp is lost if the sandbox restarts
-        assert r["stdout"] == f"{nproc}\n", r
+        # Processes are limited inside, below the host's task limit (each gVisor process
+        # costs several host tasks), and not so low that ordinary work cannot run.
+        nproc = int(r["stdout"])
+        assert 8 <= nproc < pids, r
         cid = a.last_meta["container"]["id"]
         started_at = engine.inspect_container(f"mcp-codeexec.{TENANT}.{cid}")["State"]["StartedAt"]
         # Fork until the kernel refuses; count how many we got.
@@ -39,7 +42,9 @@ for pid in kids:
     os.waitpid(pid, 0)
 EOF""")
         count, code = r["stdout"].split()
-        assert code == "EAGAIN" and nproc // 2 <= int(count) < nproc, r
+        # The limit counts every process of the sandbox's user: the few already running
+        # (the agent, the shell, this python) take some of it.
+        assert code == "EAGAIN" and nproc - 10 <= int(count) < nproc, r
         # Refused inside: the sandbox is the same one, not killed and restarted.
         r = await a.bash("cat /tmp/marker; echo keep > keep.txt")
         assert r["stdout"] == "here\n", r
@@ -49,12 +54,12 @@ EOF""")
         # A real fork bomb: its call ends; the bomb (in the background) holds every process
         # slot, so the sandbox may have to be restarted to run anything again; either way
         # the server answers, the workspace is intact, and the host limit was never reached.
-        r = await a.bash(":(){ :|:& };:")
-        assert r["type"] in ("bash_code_execution_result", "bash_code_execution_tool_result_error")
+        assert_fork_bomb_result(await a.bash(":(){ :|:& };:"))
         for _ in range(3):
             r = await a.bash("cat keep.txt")
-            if r.get("stdout") == "keep\n":
+            if r["stdout"] == "keep\n":
                 break
+            assert_says_why_it_could_not_run(r)
         assert r["stdout"] == "keep\n", r
         assert (await a.bash("echo alive"))["stdout"] == "alive\n"
 
@@ -69,8 +74,9 @@ async def test_cpu_count_seen_inside_is_the_configured_one(engine, cpus, seen):
         cid = a.last_meta["container"]["id"]
         hc = engine.inspect_container(f"mcp-codeexec.{TENANT}.{cid}")["HostConfig"]
         assert hc["NanoCpus"] == int(float(cpus) * 1e9)
-        if expected < host:
-            assert len(hc["CpusetCpus"].split(",")) == expected
+        # Pinned to as many cores as it may use; not pinned when that is every core.
+        pinned = hc["CpusetCpus"].split(",") if hc["CpusetCpus"] else []
+        assert len(pinned) == (expected if expected < host else 0), hc["CpusetCpus"]
 
 
 def test_cpusets_rotate_across_cores():

@@ -7,9 +7,10 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from mcp.client import Client
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
-from conftest import server_params
+from conftest import connect
 
 pytestmark = pytest.mark.anyio
 
@@ -46,12 +47,11 @@ async def test_container_meta(sandbox):
 
 
 async def test_missing_image_answers_unavailable(engine):
-    async with Client(server_params("--image", "mcp-codeexec-no-such-image:0")) as client:
-        r = await client.call_tool("bash_code_execution", {"command": "true"})
-        assert r.is_error and r.structured_content == {"type": "bash_code_execution_tool_result_error", "error_code": "unavailable"}
-        r = await client.call_tool("text_editor_code_execution", {"command": "view", "path": "."})
-        assert r.structured_content["error_code"] == "unavailable"
-        assert "image" in r.structured_content["error_message"]
+    async with connect("--image", "mcp-codeexec-no-such-image:0") as s:
+        r = await s.bash("true")
+        assert r == {"type": "bash_code_execution_tool_result_error", "error_code": "unavailable"}
+        r = await s.edit(command="view", path=".")
+        assert r["error_code"] == "unavailable" and "mcp-codeexec-no-such-image:0" in r["error_message"]
 
 
 def test_runc_needs_explicit_opt_in():
@@ -60,8 +60,9 @@ def test_runc_needs_explicit_opt_in():
 
 
 async def test_unknown_tool_is_a_protocol_error(sandbox):
-    with pytest.raises(Exception):
+    with pytest.raises(MCPError) as caught:
         await sandbox.client.call_tool("no_such_tool", {})
+    assert caught.value.code == INVALID_PARAMS and "no_such_tool" in caught.value.message
     assert (await sandbox.bash("echo still-serving"))["stdout"] == "still-serving\n"
 
 

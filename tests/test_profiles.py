@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import pytest
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
 from conftest import connect
+from test_bash import split_capped
 
 pytestmark = pytest.mark.anyio
 
@@ -51,7 +54,7 @@ async def test_20260521_per_cell_limit_is_a_normal_result(engine):
         assert "2 s of wall-clock time" in tools["code_execution"].description
         await s.python("z = 1")
         r = await s.python("import time\nprint('started', flush=True)\ntime.sleep(30)")
-        assert r["type"] == "code_execution_result" and r["return_code"] != 0
+        assert r["type"] == "code_execution_result" and r["return_code"] == 124
         assert "detection_timeout" in r["stderr"] and r["stdout"] == "started\n"
         assert (await s.python("print('z' in globals())"))["stdout"] == "False\n"
         prompt = (await s.client.read_resource("codeexec://system-prompt")).contents[0].text
@@ -66,8 +69,9 @@ async def test_20250522_legacy_single_tool_fresh_interpreter(engine):
         assert r["return_code"] == 1 and "NameError" in r["stderr"]  # nothing carried over
         await s.python("open('kept.txt', 'w').write('files do')")
         assert (await s.python("print(open('kept.txt').read())"))["stdout"] == "files do\n"
-        with pytest.raises(Exception):
+        with pytest.raises(MCPError) as caught:  # the legacy profile has no bash tool at all
             await s.client.call_tool("bash_code_execution", {"command": "true"})
+        assert caught.value.code == INVALID_PARAMS and "bash_code_execution" in caught.value.message
 
 
 @pytest.mark.parametrize("arguments", [{"code": 1}, {}, {"code": "x\x00"}, {"code": ["print(1)"]}])
@@ -75,3 +79,15 @@ async def test_code_invalid_input(engine, arguments):
     async with connect("--profile", "20260120", "--no-prepare") as s:
         r = await s.call("code_execution", arguments)
         assert r == {"type": "code_execution_tool_result_error", "error_code": "invalid_tool_input"}
+
+
+async def test_repl_output_is_capped_like_bash(engine):
+    async with connect("--profile", "20260120", "--max-output", "10000", "--memory", "1g") as s:
+        # 100_000 'x' and a newline on stdout, 30_000 'e' on stderr: each capped at 10_000.
+        r = await s.python("import sys\nprint('x' * 100_000)\nsys.stderr.write('e' * 30_000)")
+        head, numbers, tail = split_capped(r["stdout"])
+        assert numbers == (100_001 - 10_000, "stdout", 100_001, 5_000, 5_000)
+        assert head == "x" * 5_000 and tail == "x" * 4_999 + "\n"
+        head, numbers, tail = split_capped(r["stderr"])
+        assert numbers == (30_000 - 10_000, "stderr", 30_000, 5_000, 5_000) and head + tail == "e" * 10_000
+        assert r["return_code"] == 0

@@ -62,14 +62,16 @@ class Report:
 
 
 def check_engine(r: Report) -> docker.APIClient | None:
+    # The engine the server would use: DOCKER_HOST, as the server reads it (docker.APIClient
+    # alone ignores DOCKER_HOST and would check the default socket instead).
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
-        api = docker.APIClient(version="auto", timeout=30)
+        api = docker.APIClient(base_url=host, version="auto", timeout=30)
         info = api.info()
     except Exception as exc:  # noqa: BLE001 - any failure means no usable engine
-        r.fail("engine", f"Docker Engine not reachable ({exc})",
+        r.fail("engine", f"Docker Engine not reachable at {host} ({exc})",
                f"start it: {SETUP}; or `apt-get install docker.io` and run `dockerd`")
         return None
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     r.ok("engine", f"Docker Engine {info.get('ServerVersion', '?')} at {host}, storage {info.get('Driver', '?')}, "
          f"cgroup v{info.get('CgroupVersion', '?')}, {info.get('NCPU', '?')} CPUs")
     if not host.startswith("unix://"):

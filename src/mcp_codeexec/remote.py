@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -119,6 +120,9 @@ def build_app(settings: Settings) -> Starlette:
             file_id, path = body["file_id"], body.get("path")
         except (ValueError, KeyError, TypeError):
             return _error(400, "invalid_request_error", 'send {"file_id": "file_…", "path"?: "…"}')
+        if path is not None and not _in_workspace(path, settings.workdir):
+            # The agent refuses it too, but as a failed write (503): say it is the request.
+            return _error(400, "invalid_request_error", f"path {path!r} is outside the workspace {settings.workdir}")
         try:
             sandbox = await state().containers.open(tenant, request.path_params["container_id"])
             where = await put_file(state(), tenant, sandbox, file_id, path)
@@ -182,6 +186,15 @@ def build_app(settings: Settings) -> Starlette:
         token_verifier=verifier,
         custom_starlette_routes=routes,
     )
+
+
+def _in_workspace(path: Any, workdir: str) -> bool:
+    """A target path (relative to the workdir, or absolute) that stays inside it, as text.
+    (Symlinks are the agent's to check, inside the sandbox.)"""
+    if not isinstance(path, str) or not path or "\0" in path:
+        return False
+    full = posixpath.normpath(posixpath.join(workdir, path))
+    return full.startswith(workdir.rstrip("/") + "/")
 
 
 def _security(settings: Settings) -> TransportSecuritySettings | None:

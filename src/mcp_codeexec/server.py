@@ -211,10 +211,10 @@ async def _prune_files(files: FileStore, interval: float) -> None:
 async def _image_facts(backend: Deployment, image: str) -> ImageFacts:
     """The image's manifest (libraries and tools with versions) for the system prompt: from
     the image's label, so no sandbox is started for it (image.py)."""
-    api = getattr(backend, "api", None)
-    if api is None:
-        return ImageFacts()
     try:
+        api = getattr(backend, "api", None)  # DockerDeployment.api raises when there is no engine
+        if api is None:
+            return ImageFacts()
         return ImageFacts.from_manifest(await anyio.to_thread.run_sync(read_manifest, api, image))
     except Exception as exc:  # noqa: BLE001 - the prompt then says "see the image manifest"
         log.warning("no manifest for image %s (%s): the system prompt lists no versions", image, exc)

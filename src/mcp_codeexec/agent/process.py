@@ -176,8 +176,11 @@ def kill_tree(root: int) -> None:
     me = os.getpid()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        try:  # the process group, in one atomic step (what a fork bomb stays in)
-            os.killpg(root, signal.SIGKILL)
+        # Stop (not kill) the process group in one atomic step, so a fork bomb in it cannot
+        # outrun us. Killing it here would orphan the children that left the group (setsid)
+        # before the table below is read: adopted by PID 1, they would escape.
+        try:
+            os.killpg(root, signal.SIGSTOP)
         except (ProcessLookupError, PermissionError):
             pass
         table = _proc_table()
