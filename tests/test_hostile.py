@@ -27,8 +27,7 @@ import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import DATA_DIR, IMAGE, TENANT, Session
-from test_remote import free_port
+from conftest import DATA_DIR, IMAGE, TENANT, Session, free_port
 
 pytestmark = pytest.mark.anyio
 
