@@ -39,6 +39,7 @@ from mcp.client.stdio import StdioServerParameters
 
 from mcp_codeexec.agent import client as agent_client
 from mcp_codeexec.agent import protocol as p
+from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 FLOOR_SCRIPT = """
@@ -109,13 +110,12 @@ async def timed(fn, n: int) -> list[float]:
 
 
 async def agent_pings(name: str, n: int) -> list[float]:
-    """Round trips of a Ping to an agent opened into the running sandbox `name`."""
-    stream = await DockerDeployment().open_agent(name, agent_client.agent_argv(), {"MCP_CODEEXEC_ROOT": "/workspace"})
-    agent = agent_client.AgentClient(stream)
+    """Round trips of a Ping over a second connection to the agent of the running sandbox
+    `name` (with the server's own config, so the agent is not asked to reload)."""
+    defaults = Settings()
+    config = {"root": defaults.workdir, "rlimit_as": defaults.rlimit_as}
     async with anyio.create_task_group() as tg:
-        tg.start_soon(agent.serve)
-        await agent.start()
-        await agent.request(p.Ping())
+        agent = await agent_client.connect_agent(DockerDeployment(), name, tg, config)
         samples = await timed(lambda: agent.request(p.Ping()), n)
         await agent.aclose()
         tg.cancel_scope.cancel()

@@ -120,7 +120,8 @@ def hosts(engine: docker.APIClient) -> Iterator[None]:
         for c in engine.containers(all=True, filters={"ancestor": COMPOSE_IMAGE}):
             engine.remove_container(c["Id"], force=True)
         engine.remove_volume(COMPOSE_DATA, force=True)
-        engine.remove_image(COMPOSE_IMAGE, force=True)
+        # The engine can take over a minute to delete an image's layers on a busy machine.
+        docker.APIClient(version="auto", timeout=600).remove_image(COMPOSE_IMAGE, force=True)
         if (st.st_gid, st.st_mode) != (os.stat(SOCKET).st_gid, os.stat(SOCKET).st_mode):
             os.chown(SOCKET, -1, st.st_gid)
             os.chmod(SOCKET, st.st_mode)
