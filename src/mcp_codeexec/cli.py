@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,7 +28,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"mcp-codeexec {__version__}")
     ap.add_argument("--runtime", default=d.runtime, help="OCI runtime for sandboxes (default runsc = gVisor). "
                     "Anything else needs --allow-weak-isolation.")
-    ap.add_argument("--allow-weak-isolation", action="store_true", help="permit a runtime other than runsc (e.g. runc)")
+    ap.add_argument("--allow-weak-isolation", action="store_true",
+                    help="permit a runtime other than runsc (e.g. runc), or --backend local")
+    ap.add_argument("--backend", choices=["docker", "local"], default=d.backend,
+                    help="docker (default): sandboxes are containers under --runtime. local: NO isolation, commands "
+                    "run as plain processes on this host (for tests; needs --allow-weak-isolation)")
+    ap.add_argument("--local-dir", default=d.local_dir, help="local backend: where its sandboxes live "
+                    "(default /tmp/mcp-codeexec-local-<uid>; the workspace defaults to <local-dir>/workspace)")
     ap.add_argument("--image", default=d.image, help=f"sandbox image (default {d.image})")
     ap.add_argument("--memory", default="5g", help="memory per sandbox (default 5g)")
     ap.add_argument("--cpus", type=float, default=d.cpus, help=f"CPUs per sandbox (default {d.cpus:g})")
@@ -40,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=d.timeout, metavar="SECONDS", help=f"time limit per call (default {d.timeout:g})")
     ap.add_argument("--max-output", default=str(d.max_output_bytes), metavar="BYTES",
                     help=f"stdout/stderr cap per call and stream, head and tail kept (default {d.max_output_bytes})")
-    ap.add_argument("--workdir", default=d.workdir, help=f"working directory inside the sandbox (default {d.workdir})")
+    ap.add_argument("--workdir", help=f"working directory inside the sandbox (default {d.workdir}; local backend: "
+                    "a host directory, shared by its sandboxes)")
     ap.add_argument("--tmp-size", default="512m", help="size of /tmp and $HOME tmpfs in the sandbox (default 512m)")
     ap.add_argument("--profile", default=d.profile, choices=wire.PROFILES,
                     help="the API tool version to mimic: 20250825 (bash + editor, default), 20260120 (+ persistent "
@@ -81,7 +89,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
             f"mcp-codeexec: refusing runtime {args.runtime!r}: sandboxes would share the host kernel. "
             "Pass --allow-weak-isolation to accept that, or use runsc (gVisor)."
         )
+    if args.backend == "local" and not args.allow_weak_isolation:
+        raise SystemExit(
+            "mcp-codeexec: refusing --backend local: it runs commands as plain processes on this host, with no "
+            "isolation at all. Pass --allow-weak-isolation to accept that (for tests only)."
+        )
+    workdir = args.workdir or Settings().workdir
+    if args.backend == "local" and not args.workdir:
+        from mcp_codeexec.deployment.local import default_dir
+
+        workdir = os.path.join(args.local_dir or default_dir(), "workspace")
+    if args.backend == "local":  # a host path, as the agent sees it (the editor resolves symlinks)
+        workdir = os.path.realpath(workdir)
     return Settings(
+        backend=args.backend,
+        local_dir=os.path.abspath(args.local_dir) if args.local_dir else "",
         runtime=args.runtime,
         image=args.image,
         memory_bytes=parse_size(args.memory),
@@ -91,7 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         quota_dir=args.quota_dir,
         timeout=args.timeout,
         max_output_bytes=parse_size(args.max_output),
-        workdir=args.workdir,
+        workdir=workdir,
         tmp_bytes=parse_size(args.tmp_size),
         profile=args.profile,
         cell_timeout=args.cell_timeout,

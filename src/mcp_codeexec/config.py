@@ -40,6 +40,8 @@ def format_size(n: int) -> str:
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
+    backend: str = "docker"  # docker (gVisor sandboxes) | local (no isolation: tests only)
+    local_dir: str = ""  # local backend: where its sandboxes live ("" = deployment/local.py's default)
     runtime: str = "runsc"
     image: str = "mcp-codeexec-sandbox:latest"
     memory_bytes: int = 5 << 30

@@ -29,9 +29,7 @@ from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import Deployment
 from mcp_codeexec.errors import BackendUnavailable, CodeExecError, FileNotFound, InvalidToolInput
-from mcp_codeexec.deployment.docker import DockerDeployment
-from mcp_codeexec.deployment import quota as q
-from mcp_codeexec.image import read_manifest
+from mcp_codeexec.deployment import make_backend
 from mcp_codeexec.sandbox import Sandbox
 from mcp_codeexec.prompt import PROMPT_NAME, PROMPT_URI, ImageFacts, system_prompt
 from mcp_codeexec.containers import ContainerManager
@@ -212,10 +210,8 @@ async def _image_facts(backend: Deployment, image: str) -> ImageFacts:
     """The image's manifest (libraries and tools with versions) for the system prompt: from
     the image's label, so no sandbox is started for it (image.py)."""
     try:
-        api = getattr(backend, "api", None)  # DockerDeployment.api raises when there is no engine
-        if api is None:
-            return ImageFacts()
-        return ImageFacts.from_manifest(await anyio.to_thread.run_sync(read_manifest, api, image))
+        manifest = await backend.image_manifest(image)  # Docker raises when there is no engine
+        return ImageFacts.from_manifest(manifest) if manifest is not None else ImageFacts()
     except Exception as exc:  # noqa: BLE001 - the prompt then says "see the image manifest"
         log.warning("no manifest for image %s (%s): the system prompt lists no versions", image, exc)
         return ImageFacts()
@@ -251,8 +247,7 @@ def build_server(
         if shared:
             yield shared[0]
             return
-        wanted = q.Wanted(settings.disk_bytes, settings.quota_dir or q.default_dir(), settings.image)
-        backend = deployment or DockerDeployment(settings.runtime, wanted=wanted)
+        backend = deployment or make_backend(settings)
         isolation = f"{settings.runtime} (not checked yet)"
         try:
             info = await backend.check(settings.image)
@@ -262,7 +257,10 @@ def build_server(
             # Keep serving: calls answer `unavailable` until the engine is back.
             log.error("sandbox backend unavailable: %s", exc)
         facts = await _image_facts(backend, settings.image)
-        if settings.runtime != "runsc":
+        if settings.backend == "local":
+            log.warning("BACKEND LOCAL: NO ISOLATION. Commands run as plain processes on this host, with its "
+                        "network and files. For tests only: never give this server to anyone or anything untrusted.")
+        elif settings.runtime != "runsc":
             log.warning("runtime %r: sandboxes share the host kernel; use runsc (gVisor) for real isolation", settings.runtime)
         async with anyio.create_task_group() as task_group:
             containers = ContainerManager(settings, backend, task_group)

@@ -110,12 +110,13 @@ s.recv(1)
 """
 
 
-def loader_argv(protocol: int) -> list[str]:
-    return ["python3", "-I", "-u", "-c", _LOADER % {"socket": SOCKET, "protocol": protocol}]
+def loader_argv(protocol: int, socket: str = SOCKET) -> list[str]:
+    """The loader listening on `socket` (the in-sandbox path unless a backend has its own)."""
+    return ["python3", "-I", "-u", "-c", _LOADER % {"socket": socket, "protocol": protocol}]
 
 
-def relay_argv() -> list[str]:
-    return ["python3", "-I", "-S", "-u", "-c", _RELAY % {"socket": SOCKET}]
+def relay_argv(socket: str = SOCKET) -> list[str]:
+    return ["python3", "-I", "-S", "-u", "-c", _RELAY % {"socket": socket}]
 
 
 def _sources() -> list[list[str]]:

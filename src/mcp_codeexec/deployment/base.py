@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-
+from typing import Any
 
 from mcp_codeexec.errors import BackendUnavailable, NameTaken, SandboxGone
 
@@ -17,6 +17,8 @@ __all__ = ["BackendUnavailable", "NameTaken", "SandboxGone"]  # re-exported for 
 AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 AGENT_DIR = "/run/mcp-codeexec"
 SANDBOX_USER = "1000:1000"
+# On a sandbox, the name of its workspace storage (the list of containers shows its size).
+VOLUME_LABEL = "org.mcp-codeexec.volume"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,11 @@ class Deployment(abc.ABC):
         """Bring a stopped sandbox made by an older version up to `spec`'s layout, keeping
         its workspace; True if anything changed. Backends without older layouts: no-op."""
         return False
+
+    async def image_manifest(self, image: str) -> dict[str, Any] | None:
+        """What the sandbox image has installed (image.py), for the system prompt; None
+        when the backend has no image. May raise: the prompt then lists no versions."""
+        return None
 
     @abc.abstractmethod
     async def rename(self, name: str, new_name: str) -> None:

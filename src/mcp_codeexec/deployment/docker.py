@@ -40,7 +40,9 @@ from mcp_codeexec.deployment.base import (
     SandboxRecord,
     SandboxSpec,
     SandboxState,
+    VOLUME_LABEL,
 )
+from mcp_codeexec.image import read_manifest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -56,7 +58,6 @@ def _socket_path() -> str:
     return url.path
 
 
-VOLUME_LABEL = "org.mcp-codeexec.volume"
 LAYOUT_LABEL = "org.mcp-codeexec.layout"
 
 
@@ -177,6 +178,9 @@ class DockerDeployment(Deployment):
             else f"{self.runtime}: containers share the host kernel (weaker isolation)"
         )
         return BackendInfo(engine=f"Docker Engine {info.get('ServerVersion', '?')}", runtime=self.runtime, isolation=isolation)
+
+    async def image_manifest(self, image: str) -> dict[str, Any] | None:
+        return await anyio.to_thread.run_sync(read_manifest, self.api, image)
 
     async def create(self, spec: SandboxSpec) -> None:
         await self._create(spec, new_volume=True)

@@ -1,0 +1,178 @@
+"""Fast tests with NO isolation: the real server process over stdio, driven by the `mcp` SDK's
+client, with `--backend local --allow-weak-isolation`, so the real agent runs as plain local
+processes (deployment/local.py). They cover everything above the backend (protocol, tools,
+containers, sessions, limits, files) in seconds, without Docker.
+
+They are beside, never instead of, the e2e suite in tests/ on real Docker and gVisor: nothing
+here says anything about isolation, limits the kernel enforces, or the Docker backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import Session, connect
+
+from mcp_codeexec.deployment.local import LocalDeployment
+
+pytestmark = pytest.mark.anyio
+
+ARGS = ("--timeout", "3", "--max-output", "20000", "--memory", "1g", "--disk", "0")
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[str]:
+    """A short directory (sockets live under it) that a root server's agent (uid 1000) can reach."""
+    directory = tempfile.mkdtemp(prefix="mcx-")
+    os.chmod(directory, 0o755)
+    yield directory
+    deployment = LocalDeployment(directory)
+    for record in anyio.run(deployment.list, ""):  # what a failed test left running
+        anyio.run(deployment.remove, record.name)
+    shutil.rmtree(directory)
+
+
+def local(base: str, *args: str):  # noqa: ANN201 - conftest.connect's context manager
+    return connect("--backend", "local", "--allow-weak-isolation", "--local-dir", base, *ARGS, *args)
+
+
+@pytest.fixture(scope="module")
+async def sandbox(base: str) -> AsyncIterator[Session]:
+    async with local(base) as session:
+        yield session
+
+
+def workspace(base: str) -> Path:
+    return Path(os.path.realpath(base)) / "workspace"
+
+
+async def test_bash_result_is_exact(sandbox: Session, base: str) -> None:
+    assert await sandbox.bash("echo hello; pwd") == {
+        "type": "bash_code_execution_result",
+        "stdout": f"hello\n{workspace(base)}\n",
+        "stderr": "",
+        "return_code": 0,
+        "content": [],
+    }
+
+
+async def test_exit_code_and_stderr(sandbox: Session) -> None:
+    r = await sandbox.bash("echo out; echo err >&2; exit 3")
+    assert (r["stdout"], r["stderr"], r["return_code"]) == ("out\n", "err\n", 3)
+    assert (await sandbox.bash("kill -9 $$"))["return_code"] == 137
+
+
+async def test_time_limit_kills_the_whole_tree(sandbox: Session, base: str) -> None:
+    # A child in the background, and one that left the command's session: both die.
+    r = await sandbox.bash("sleep 300 & echo $! > .bg.pids; setsid sleep 300 & echo $! >> .bg.pids; sleep 300")
+    assert r == {"type": "bash_code_execution_tool_result_error", "error_code": "execution_time_exceeded"}
+    pids = [int(line) for line in (workspace(base) / ".bg.pids").read_text().split()]
+    assert len(pids) == 2
+    for _ in range(50):  # the agent kills them before answering; /proc may lag a moment
+        if not any(map(_alive, pids)):
+            break
+        await anyio.sleep(0.02)
+    assert not any(map(_alive, pids)), "a process of the timed-out command survived"
+    assert (await sandbox.bash("echo still here"))["stdout"] == "still here\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+async def test_output_cap_keeps_head_and_tail(sandbox: Session) -> None:
+    r = await sandbox.bash("printf 'H%.0s' $(seq 15000); printf 'T%.0s' $(seq 15000)")
+    out = r["stdout"]
+    assert out.startswith("H" * 10000) and out.endswith("T" * 10000)
+    assert "[... 10000 bytes of stdout omitted: 30000 bytes in all" in out
+
+
+async def test_editor_create_view_str_replace(sandbox: Session, base: str) -> None:
+    created = await sandbox.edit(command="create", path="notes/a.txt", file_text="one\ntwo\n")
+    assert created == {"type": "text_editor_code_execution_create_result", "is_file_update": False}
+    assert (workspace(base) / "notes/a.txt").read_text() == "one\ntwo\n"
+    replaced = await sandbox.edit(command="str_replace", path="notes/a.txt", old_str="two", new_str="2")
+    assert replaced["type"] == "text_editor_code_execution_str_replace_result"
+    viewed = await sandbox.edit(command="view", path=str(workspace(base) / "notes/a.txt"))
+    assert viewed == {
+        "type": "text_editor_code_execution_view_result",
+        "file_type": "text",
+        "content": "one\n2\n",
+        "num_lines": 2,
+        "start_line": 1,
+        "total_lines": 2,
+    }
+    missing = await sandbox.edit(command="str_replace", path="notes/a.txt", old_str="three", new_str="3")
+    assert missing["error_code"] == "string_not_found"
+    outside = await sandbox.edit(command="view", path="/etc/passwd")
+    assert outside["type"] == "text_editor_code_execution_tool_result_error"
+
+
+async def test_output_files_are_registered(sandbox: Session) -> None:
+    r, full = await sandbox.call_full("bash_code_execution", {"command": "printf 'a,b\\n1,2\\n' > table.csv"})
+    [entry] = r["content"]
+    assert entry["type"] == "bash_code_execution_output" and entry["file_id"].startswith("file_")
+    resource = await sandbox.client.read_resource(f"codeexec://files/{entry['file_id']}")
+    assert base64.b64decode(resource.contents[0].blob) == b"a,b\n1,2\n"
+
+
+async def test_container_reuse_by_id_and_meta_errors(sandbox: Session, base: str) -> None:
+    await sandbox.bash("true")
+    cid = sandbox.last_meta["container"]["id"]
+    assert (await sandbox.bash("echo same", meta={"container": cid}))["stdout"] == "same\n"
+    assert sandbox.last_meta["container"]["id"] == cid
+    assert (await sandbox.bash("echo same", meta={"container": {"id": cid}}))["return_code"] == 0
+    unknown = "container_" + "x" * 24
+    assert (await sandbox.bash("true", meta={"container": unknown}))["error_code"] == "container_expired"
+    assert (await sandbox.bash("true", meta={"container": 42}))["error_code"] == "invalid_tool_input"
+    # Another server process takes the container over by id.
+    async with local(base, "--container", cid) as other:
+        assert (await other.bash("echo there"))["stdout"] == "there\n"
+        assert other.last_meta["container"]["id"] == cid
+
+
+async def test_repl_profile_keeps_state(base: str) -> None:
+    async with local(base, "--profile", "20260120") as s:
+        assert (await s.python("x = 41"))["return_code"] == 0  # type: ignore[attr-defined]
+        r = await s.python("print(x + 1)")  # type: ignore[attr-defined]
+        assert (r["stdout"], r["return_code"]) == ("42\n", 0)
+        cid = s.last_meta["container"]["id"]
+        # A second server on the same container (same agent) sees the same interpreter.
+        async with local(base, "--profile", "20260120", "--container", cid) as t:
+            assert (await t.python("print(x)"))["stdout"] == "41\n"  # type: ignore[attr-defined]
+
+
+async def test_system_prompt_says_there_is_no_isolation(sandbox: Session) -> None:
+    prompt = await sandbox.client.read_resource("codeexec://system-prompt")
+    assert "NO isolation" in prompt.contents[0].text
+
+
+def test_local_backend_needs_allow_weak_isolation() -> None:
+    run = subprocess.run([sys.executable, "-m", "mcp_codeexec", "--backend", "local"], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "refusing --backend local" in run.stderr and "--allow-weak-isolation" in run.stderr
+
+
+def test_local_path_never_imports_docker() -> None:
+    code = (
+        "import sys, mcp_codeexec.server, mcp_codeexec.cli\n"
+        "from mcp_codeexec.config import Settings\n"
+        "from mcp_codeexec.deployment import make_backend\n"
+        "make_backend(Settings(backend='local'))\n"
+        "assert 'docker' not in sys.modules, 'docker imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
