@@ -44,5 +44,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 scripts/setup.sh || exit $?
+# Static checks first (config in pyproject.toml): seconds, and a failure stops the run.
+.venv/bin/ruff check src tests bench || exit $?
+.venv/bin/mypy || exit $?
 .venv/bin/python -m pytest -q tests "$@"
 exit $?

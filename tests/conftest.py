@@ -21,10 +21,10 @@ import httpx2
 import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from strict import validate_result
 
 from mcp_codeexec.containers import _owner_alive
 from mcp_codeexec.deployment.docker import DockerDeployment
-from strict import validate_result
 
 IMAGE = os.environ.get("MCP_CODEEXEC_IMAGE", "mcp-codeexec-sandbox:latest")
 LABEL = "org.mcp-codeexec"

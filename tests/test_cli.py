@@ -12,8 +12,8 @@ import time
 
 import anyio
 import pytest
-
 from conftest import IMAGE, TENANT, connect
+
 from mcp_codeexec.deployment import quota as q
 
 pytestmark = pytest.mark.anyio

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx2
 import pytest
-
-from conftest import DATA_DIR, IMAGE, TENANT as TEST_TENANT
+from conftest import DATA_DIR, IMAGE
+from conftest import TENANT as TEST_TENANT
 
 CONFORMANCE_VERSION = "0.1.16"
 NODE_VERSION = "22.23.3"

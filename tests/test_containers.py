@@ -10,8 +10,8 @@ from datetime import datetime, timedelta
 
 import anyio
 import pytest
-
 from conftest import TENANT, both, connect, server_pids, wait_for
+
 from mcp_codeexec.config import Settings
 from mcp_codeexec.containers import ContainerManager
 from mcp_codeexec.deployment.base import Deployment, SandboxRecord

@@ -9,10 +9,9 @@ import json
 
 import anyio
 import pytest
+from conftest import TENANT, connect
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
-
-from conftest import TENANT, connect
 from strict import validate_result
 from test_editor import tiny_png
 

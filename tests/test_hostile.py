@@ -24,10 +24,9 @@ import anyio
 import docker
 import httpx2
 import pytest
+from conftest import DATA_DIR, IMAGE, TENANT, Session, free_port
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
-
-from conftest import DATA_DIR, IMAGE, TENANT, Session, free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Session, connect
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,6 @@ import time
 import anyio
 import docker
 import pytest
-
 from conftest import TENANT, connect, wait_for
 
 pytestmark = pytest.mark.anyio

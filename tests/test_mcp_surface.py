@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import connect
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
-
-from conftest import connect
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +42,7 @@ async def test_container_meta(sandbox):
     assert sandbox.last_meta["container"] == first  # one container per session
     assert first["id"].startswith("container_")
     expires = datetime.fromisoformat(first["expires_at"].replace("Z", "+00:00"))
-    assert timedelta(days=29) < expires - datetime.now(timezone.utc) <= timedelta(days=30)
+    assert timedelta(days=29) < expires - datetime.now(UTC) <= timedelta(days=30)
 
 
 async def test_missing_image_answers_unavailable(engine):

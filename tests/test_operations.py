@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from conftest import TENANT, Session, connect, http_server
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
-
-from conftest import TENANT, Session, connect, http_server
 
 pytestmark = pytest.mark.anyio
 

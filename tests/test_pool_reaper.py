@@ -13,10 +13,9 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
+from conftest import TENANT, Session, connect, http_server, server_pids
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
-
-from conftest import TENANT, Session, connect, http_server, server_pids
 from test_operations import metric
 
 pytestmark = pytest.mark.anyio

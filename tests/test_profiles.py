@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import connect
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
-
-from conftest import connect
 from test_bash import split_capped
 
 pytestmark = pytest.mark.anyio

@@ -40,11 +40,11 @@ from collections.abc import Iterator
 import anyio
 import docker
 import pytest
+from conftest import DATA_DIR, IMAGE, TENANT, Session, connect, remove_test_containers
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 import mcp_codeexec
-from conftest import DATA_DIR, IMAGE, TENANT, Session, connect, remove_test_containers
 from mcp_codeexec.deployment import quota as q
 
 pytestmark = pytest.mark.anyio

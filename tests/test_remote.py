@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import asynccontextmanager
 from collections.abc import Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
+from conftest import TENANT, Session, http_server
 from mcp.client import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
-
-from conftest import TENANT, Session, http_server
 
 pytestmark = pytest.mark.anyio
 
@@ -155,7 +154,7 @@ async def test_cancellation_kills_the_command(remote):
 async def test_files_api_round_trip_and_metering(remote):
     async with httpx2.AsyncClient(headers=headers("a"), timeout=60) as http:
         before = (await http.get(f"{remote}/v1/usage")).json()
-        payload = "city,temp\nOslo,3\nLima,19\n".encode()
+        payload = b"city,temp\nOslo,3\nLima,19\n"
         up = await http.post(f"{remote}/v1/files", files={"file": ("../../weather data.csv", payload, "text/csv")})
         assert up.status_code == 201
         meta = up.json()

@@ -4,7 +4,6 @@ through it means the result really is the API's object."""
 from __future__ import annotations
 
 import pytest
-
 from strict import validate_result
 
 BASH_OK = {"type": "bash_code_execution_result", "stdout": "", "stderr": "", "return_code": 3, "content": []}

@@ -3,11 +3,10 @@ is re-created in the current layout on its next use, with its workspace and file
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import docker
 import pytest
-
 from conftest import IMAGE, TENANT, connect
 
 pytestmark = pytest.mark.anyio
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.anyio
 def legacy_container(api: docker.APIClient, container_id: str) -> str:
     """The way version 0.1.0 made a sandbox (without a disk quota), with a file in it."""
     name, volume = f"mcp-codeexec.{TENANT}.{container_id}", f"mcp-codeexec-ws.{container_id}"
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     labels = {
         "org.mcp-codeexec.managed": "1",
         "org.mcp-codeexec.created_at": now.isoformat().replace("+00:00", "Z"),
@@ -45,7 +44,7 @@ async def test_a_legacy_container_is_upgraded_with_its_files(engine: docker.APIC
         info = engine.inspect_container(name)
         assert info["Config"]["Labels"]["org.mcp-codeexec.layout"] == "2"
         assert info["Config"]["User"] == "0:0" and sorted(info["HostConfig"]["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
-        assert info["Config"]["Labels"]["org.mcp-codeexec.expires_at"].startswith(str(datetime.now(timezone.utc).year))
+        assert info["Config"]["Labels"]["org.mcp-codeexec.expires_at"].startswith(str(datetime.now(UTC).year))
     finally:
         engine.remove_container(name, force=True)
         engine.remove_volume(f"mcp-codeexec-ws.{container_id}", force=True)

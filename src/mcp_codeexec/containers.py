@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -183,7 +183,7 @@ class ContainerManager:
     async def reap(self) -> None:
         """Remove expired containers (and their workspaces) and orphaned pool containers;
         stop containers idle for longer than idle_stop."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for record in await self.deployment.list(PREFIX) + await self.deployment.list(POOL_PREFIX):
             expires = record.labels.get(f"{LABEL}.expires_at")
             owner = record.labels.get(_OWNER_LABEL)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -119,7 +119,7 @@ class FileStore:
             filename=sanitize_filename(filename),
             size_bytes=len(data),
             mime_type=sniff_mime(filename, data[:16]),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             tenant=tenant,
             container_id=container_id,
             path=path,

@@ -3,8 +3,9 @@ handful of counters and one histogram)."""
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any, Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -14,7 +15,7 @@ class Metrics:
         self.calls: Counter[tuple[str, str]] = Counter()  # (tool, outcome)
         self.errors: Counter[tuple[str, str]] = Counter()  # (tool, error_code)
         self.latency: dict[str, list[int]] = {}  # tool -> cumulative counts per bucket (+Inf last)
-        self.latency_sum: Counter[str] = Counter()
+        self.latency_sum: defaultdict[str, float] = defaultdict(float)
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def observe(self, tool: str, result: Any, seconds: float) -> None:

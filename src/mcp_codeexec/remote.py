@@ -24,14 +24,15 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.runner import serve_dual_era_loop
 from mcp.server.sse import SseServerTransport
 from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from mcp_codeexec.config import Settings
-from mcp_codeexec.files import StoreFull
 from mcp_codeexec.errors import BackendUnavailable, CodeExecError, ContainerExpired, FileNotFound
+from mcp_codeexec.files import StoreFull
 from mcp_codeexec.server import AppState, build_server, put_file
 from mcp_codeexec.tenants import HashedTokenVerifier, load_tenants
 
@@ -52,7 +53,7 @@ def build_app(settings: Settings) -> Starlette:
     policies = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else {}
     verifier = HashedTokenVerifier(policies) if policies else None
     url = settings.public_url or f"http://{settings.host}:{settings.port}"
-    auth = AuthSettings(issuer_url=url, resource_server_url=None, required_scopes=[]) if verifier else None
+    auth = AuthSettings(issuer_url=AnyHttpUrl(url), resource_server_url=None, required_scopes=[]) if verifier else None
     security = _security(settings)
 
     def state() -> AppState:
@@ -184,7 +185,7 @@ def build_app(settings: Settings) -> Starlette:
         transport_security=security,
         auth=auth,
         token_verifier=verifier,
-        custom_starlette_routes=routes,
+        custom_starlette_routes=routes,  # type: ignore[arg-type]  # Mounts are routes too
     )
 
 

@@ -11,10 +11,11 @@ import base64
 import logging
 import secrets
 import string
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -68,14 +69,14 @@ class ContainerInfo:
 
     @property
     def expired(self) -> bool:
-        return datetime.now(timezone.utc) >= self.expires_at
+        return datetime.now(UTC) >= self.expires_at
 
     def labels(self) -> dict[str, str]:
         return {f"{LABEL}.created_at": iso(self.created_at), f"{LABEL}.expires_at": iso(self.expires_at)}
 
     @classmethod
     def new(cls, lifetime: timedelta) -> ContainerInfo:
-        now = datetime.now(timezone.utc).replace(microsecond=0)
+        now = datetime.now(UTC).replace(microsecond=0)
         return cls(new_container_id(), now, now + lifetime)
 
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import mcp_types as types
 from mcp.server import Server
+from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel
@@ -27,18 +28,16 @@ from pydantic import BaseModel
 from mcp_codeexec import __version__, tools, wire
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
+from mcp_codeexec.containers import ContainerManager
+from mcp_codeexec.deployment import make_backend
 from mcp_codeexec.deployment.base import Deployment
 from mcp_codeexec.errors import BackendUnavailable, CodeExecError, FileNotFound, InvalidToolInput
-from mcp_codeexec.deployment import make_backend
-from mcp_codeexec.sandbox import Sandbox
-from mcp_codeexec.prompt import PROMPT_NAME, PROMPT_URI, ImageFacts, system_prompt
-from mcp_codeexec.containers import ContainerManager
-from mcp_codeexec.files import FileStore, default_data_dir, upload_plan
-from mcp_codeexec.sessions import Sessions
+from mcp_codeexec.files import UPLOADS_DIR, FileStore, default_data_dir, upload_plan
 from mcp_codeexec.metrics import Metrics
+from mcp_codeexec.prompt import PROMPT_NAME, PROMPT_URI, ImageFacts, system_prompt
+from mcp_codeexec.sandbox import Sandbox
+from mcp_codeexec.sessions import Sessions
 from mcp_codeexec.tenants import Limits, Usage, load_tenants
-from mcp_codeexec.files import UPLOADS_DIR
-from mcp.server.auth.middleware.auth_context import get_access_token
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def _session_key(ctx: ServerRequestContext[AppState]) -> str:
     headers = getattr(request, "headers", None)
     if headers is None:
         return "stdio"
-    return headers.get("mcp-session-id") or request.query_params.get("session_id") or "default"
+    return headers.get("mcp-session-id") or getattr(request, "query_params", {}).get("session_id") or "default"
 
 
 _TOOLS_BY_PROFILE = {

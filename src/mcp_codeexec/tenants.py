@@ -173,7 +173,7 @@ class Usage:
     def report(self, tenant: str) -> dict[str, Any]:
         with self._lock:
             usage = self._data.get(tenant, _TenantUsage())
-            containers = [
+            containers: list[dict[str, Any]] = [
                 {"id": cid, "execution_seconds": round(sec, 3), "billed_seconds": round(max(sec, BILLING_MINIMUM_SECONDS), 3)}
                 for cid, sec in sorted(usage.containers.items())
             ]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Awaitable, Callable, get_args
+from collections.abc import Awaitable, Callable
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 

@@ -73,7 +73,7 @@ class StrReplaceInput(_Input):
     new_str: str
 
 
-EditorInput = Annotated[Union[ViewInput, CreateInput, StrReplaceInput], Field(discriminator="command")]
+EditorInput = Annotated[ViewInput | CreateInput | StrReplaceInput, Field(discriminator="command")]
 editor_input = TypeAdapter(EditorInput)
 
 BASH_INPUT_SCHEMA: dict[str, Any] = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import functools
 import os
 import resource
 import signal
@@ -114,7 +115,10 @@ class Connection:
             return
         task = asyncio.create_task(self.agent.handle(Call(self, request_id), request))
         self.tasks[request_id] = task
-        task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
+        task.add_done_callback(functools.partial(self._forget, request_id))
+
+    def _forget(self, request_id: int, _task: asyncio.Task[None]) -> None:
+        self.tasks.pop(request_id, None)
 
 
 class Agent:
@@ -367,7 +371,7 @@ class Agent:
             await asyncio.wait_for(asyncio.shield(exited), request.timeout)
             # Background children may still hold the pipes: give them a moment, then stop.
             await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
         except asyncio.CancelledError:
             cancelled = True
@@ -399,6 +403,11 @@ class Agent:
         return result
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _receive_fds(sock: socket.socket) -> tuple[int, int]:
     """The relay's stdin and stdout, sent as one byte with two fds (SCM_RIGHTS)."""
     if privileged():  # the socket's directory is root's alone; check the peer all the same
@@ -412,7 +421,7 @@ async def _receive_fds(sock: socket.socket) -> tuple[int, int]:
             break
         except BlockingIOError:
             readable = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(sock.fileno(), _settle, readable)
             try:
                 await asyncio.wait_for(readable, 10)
             finally:

@@ -17,12 +17,14 @@ import binascii
 import logging
 import posixpath
 import secrets
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
 from pydantic import ValidationError
 
 from mcp_codeexec import wire
@@ -112,7 +114,7 @@ _REPLY_TYPES: dict[type[p.Request], type[Any]] = {
     p.ReplReset: p.ExecResult,
 }
 
-_Waiter = tuple[p.Request, anyio.abc.ObjectSendStream[Any], Callable[[p.Output], None] | None]
+_Waiter = tuple[p.Request, MemoryObjectSendStream[Any], Callable[[p.Output], None] | None]
 
 
 class AgentClient:
@@ -186,13 +188,12 @@ class AgentClient:
             self._hello_seen.set()
             return
         request_id = message.get("id") if isinstance(message, dict) else None
-        entry = self._waiting.get(request_id) if type(request_id) is int else None
-        if entry is None:
+        if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id not in self._waiting:
             # Not ours (forged, or for a request nobody waits for any more): checked all
             # the same, so garbage cannot hide behind an unknown id, then dropped.
             self._check_shape(message)
             return
-        request, send, on_output = entry
+        request, send, on_output = self._waiting[request_id]
         _, reply = p.decode_reply(message, _REPLY_TYPES[type(request)])
         reply = check_reply(reply, request, self.bounds)
         if isinstance(reply, p.Output):

@@ -418,7 +418,8 @@ class Editor:
                 f"old_str was not found in {shown}; it must match the file exactly, including whitespace and indentation",
             )
         if len(found) > 1:
-            numbers, line, prev = [], 1, 0
+            numbers: list[int] = []
+            line, prev = 1, 0
             for pos in found:
                 line += text.count("\n", prev, pos)
                 prev = pos

@@ -21,8 +21,9 @@ import platform
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000

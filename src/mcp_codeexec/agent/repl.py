@@ -270,7 +270,8 @@ class Repl:
         rc: int | None = None
         timed_out = cancelled = False
         try:
-            done, _ = await asyncio.wait({reply, exited}, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED)
+            waited: set[asyncio.Future[Any]] = {reply, exited}
+            done, _ = await asyncio.wait(waited, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED)
             timed_out = not done
             if reply.done():
                 rc = reply.result()

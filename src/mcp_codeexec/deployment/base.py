@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import builtins
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,7 @@ class Deployment(abc.ABC):
     """Creates, starts, inspects and removes sandboxes, and opens agent streams into them."""
 
     @abc.abstractmethod
-    async def check(self) -> BackendInfo:
+    async def check(self, image: str | None = None) -> BackendInfo:
         """Raise BackendUnavailable unless sandboxes can be created right now."""
 
     @abc.abstractmethod
@@ -111,7 +112,7 @@ class Deployment(abc.ABC):
         """Atomic in the engine: raises NameTaken if new_name exists, SandboxGone if name doesn't."""
 
     @abc.abstractmethod
-    async def list(self, prefix: str) -> list[SandboxRecord]:
+    async def list(self, prefix: str) -> builtins.list[SandboxRecord]:
         """Every sandbox whose name starts with prefix."""
 
     @abc.abstractmethod
@@ -139,6 +140,6 @@ class Deployment(abc.ABC):
         """How many agent streams (of any server process) are open into the sandbox."""
 
     @abc.abstractmethod
-    async def open_agent(self, name: str, argv: list[str]) -> AgentStream:
+    async def open_agent(self, name: str, argv: builtins.list[str]) -> AgentStream:
         """Start `argv` (the relay) inside the running sandbox, as root, with its stdin
         and stdout attached."""

@@ -8,16 +8,18 @@ engine's stdout/stderr multiplexing is undone here.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
 import struct
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import anyio
@@ -31,6 +33,7 @@ from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.deployment.base import (
     AGENT_CAPABILITIES,
     AGENT_DIR,
+    VOLUME_LABEL,
     AgentStream,
     BackendInfo,
     BackendUnavailable,
@@ -40,7 +43,6 @@ from mcp_codeexec.deployment.base import (
     SandboxRecord,
     SandboxSpec,
     SandboxState,
-    VOLUME_LABEL,
 )
 from mcp_codeexec.image import read_manifest
 
@@ -334,7 +336,7 @@ class DockerDeployment(Deployment):
                 raise NameTaken(str(exc)) from exc
             raise BackendUnavailable(f"Docker Engine error: {exc}") from exc
 
-    async def list(self, prefix: str) -> list[SandboxRecord]:
+    async def list(self, prefix: str) -> builtins.list[SandboxRecord]:
         found = await self._call(self.api.containers, all=True, filters={"name": prefix})
         records = []
         for c in found:
@@ -405,7 +407,7 @@ class DockerDeployment(Deployment):
         started? Under gVisor the kill may hit one of its helper processes, and then the
         container's OOMKilled flag stays false though the sandbox died of it."""
         try:
-            since = datetime.fromisoformat(started[:26].rstrip("Z")).replace(tzinfo=timezone.utc).timestamp()
+            since = datetime.fromisoformat(started[:26].rstrip("Z")).replace(tzinfo=UTC).timestamp()
         except ValueError:
             return False
         events = self.api.events(since=int(since), until=int(time.time()) + 1, decode=True,
@@ -425,7 +427,7 @@ class DockerDeployment(Deployment):
 
         return await self._call(count)
 
-    async def open_agent(self, name: str, argv: list[str]) -> AgentStream:
+    async def open_agent(self, name: str, argv: builtins.list[str]) -> AgentStream:
         try:
             status, body, _ = await _http(
                 f"/containers/{name}/exec",

@@ -22,6 +22,7 @@ is), so containers share their files. A command that detaches from its process t
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -260,7 +261,7 @@ class LocalDeployment(Deployment):
     async def labels(self, name: str) -> dict[str, str]:
         return dict(self._read(name)["labels"])
 
-    async def list(self, prefix: str) -> list[SandboxRecord]:
+    async def list(self, prefix: str) -> builtins.list[SandboxRecord]:
         records = []
         for entry in sorted(self.base.glob(f"{prefix}*")) if self.base.is_dir() else []:
             try:
@@ -291,7 +292,7 @@ class LocalDeployment(Deployment):
             count += b"mcp-codeexec relay" in cmdline and marker in cmdline
         return count
 
-    async def open_agent(self, name: str, argv: list[str]) -> AgentStream:
+    async def open_agent(self, name: str, argv: builtins.list[str]) -> AgentStream:
         self._read(name)  # SandboxGone if there is no such sandbox
         stderr = tempfile.TemporaryFile()
         try:

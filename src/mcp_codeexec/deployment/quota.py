@@ -80,9 +80,8 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from mcp_codeexec.files import default_data_dir
-
 from mcp_codeexec.errors import QuotaError
+from mcp_codeexec.files import default_data_dir
 
 __all__ = ["QuotaError"]  # raised here; defined with the others in errors.py
 
@@ -347,7 +346,7 @@ def _record(link: str) -> str:
     return re.sub(r"\.dev$", "", link) + ".loop"
 
 
-def _replace(path: str, write: Callable[[str], None]) -> None:
+def _replace(path: str, write: Callable[[str], object]) -> None:
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         os.unlink(tmp)
