@@ -106,7 +106,8 @@ DATA_DIR = tempfile.mkdtemp(prefix="mcp-codeexec-test-data-")
 def server_params(*args: str) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_codeexec", "--image", IMAGE, "--tenant", TENANT, "--data-dir", DATA_DIR, *args],
+        args=["-m", "mcp_codeexec", "--image", IMAGE, "--tenant", TENANT, "--data-dir", DATA_DIR, *args,
+              *os.environ.get("MCP_CODEEXEC_TEST_SERVER_ARGS", "").split()],  # e.g. a debugging runtime
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -171,7 +172,7 @@ def http_server(*args: str, env: dict[str, str] | None = None, log: Path | None 
 
 
 # One server for most tests: short time limit and small memory so the hostile cases are quick.
-DEFAULT_ARGS = ("--timeout", "5", "--memory", "1g", "--max-output", "20000", "--pids", "256")
+DEFAULT_ARGS = ("--timeout", "5", "--memory", "1g", "--max-output", "20000", "--pids", "512")
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ async def test_unprivileged(sandbox, engine):
     # processes needs; commands have none (above).
     assert hc["CapDrop"] == ["ALL"] and sorted(hc["CapAdd"]) == ["KILL", "SETGID", "SETUID"]
     assert "no-new-privileges" in hc["SecurityOpt"]
-    assert hc["ReadonlyRootfs"] is True and hc["PidsLimit"] == 256 and hc["Memory"] == 1 << 30
+    assert hc["ReadonlyRootfs"] is True and hc["PidsLimit"] == 512 and hc["Memory"] == 1 << 30
 
 
 async def test_read_only_root_and_no_host_files(sandbox, engine):

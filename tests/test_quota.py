@@ -120,8 +120,8 @@ def hosts(engine: docker.APIClient) -> Iterator[None]:
         for c in engine.containers(all=True, filters={"ancestor": COMPOSE_IMAGE}):
             engine.remove_container(c["Id"], force=True)
         engine.remove_volume(COMPOSE_DATA, force=True)
-        # The engine can take over a minute to delete an image's layers on a busy machine.
-        docker.APIClient(version="auto", timeout=600).remove_image(COMPOSE_IMAGE, force=True)
+        # The compose emulation's image stays (a thin layer on the sandbox image, rebuilt
+        # from cache next time): deleting it took the engine over two minutes in CI.
         if (st.st_gid, st.st_mode) != (os.stat(SOCKET).st_gid, os.stat(SOCKET).st_mode):
             os.chown(SOCKET, -1, st.st_gid)
             os.chmod(SOCKET, st.st_mode)

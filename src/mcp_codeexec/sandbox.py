@@ -272,11 +272,12 @@ class Sandbox:
         if not state.running and state.exit_code == 137:
             return "the sandbox was killed (SIGKILL) with every process in it"
         if not state.running and state.exit_code == 2 and self.settings.runtime == "runsc":
-            # gVisor's kernel is a Go program: a Go runtime that cannot get memory (the
-            # sandbox's cgroup is full) ends with status 2 before any OOM kill is recorded.
+            # gVisor's kernel is a Go program, which ends with status 2 when it panics: seen
+            # here when it could not create a host thread (the pids limit) or get memory.
             return (
-                f"the sandbox ran out of memory (limit {self.settings.memory_bytes >> 20} MiB): its kernel (gVisor) "
-                "could not allocate and stopped, with every process in it"
+                "the sandbox's kernel (gVisor) stopped on an internal error, with every process in it: most "
+                f"often too many processes at once for its host task limit (--pids {self.settings.pids_limit}) "
+                f"or its memory limit ({self.settings.memory_bytes >> 20} MiB)"
             )
         if not state.running:
             return f"the sandbox stopped ({state.status}, exit code {state.exit_code})"
