@@ -23,12 +23,14 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anyio
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import pct, timed  # noqa: E402  (bench/bench.py: the same percentiles and timer)
 
 SPAWNS = r"""
 import json, subprocess, sys, time
@@ -45,20 +47,6 @@ if len(sys.argv) > 2:
     rows["switch"] = timed(user=1000, group=1000, extra_groups=[])
 print(json.dumps(rows))
 """
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
-async def timed(fn, n: int) -> list[float]:
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await fn()
-        samples.append(time.perf_counter() - t)
-    return samples
 
 
 def in_sandbox(container: str, calls: int, as_root: bool) -> dict[str, list[float]]:

@@ -171,6 +171,14 @@ class MemoryStream(AgentStream):
         return ""
 
 
+async def answer_first_request(stream: MemoryStream, body: dict[str, Any]) -> None:
+    """Once the client has sent a request, push a result frame with its id and `body`."""
+    while not stream.sent:
+        await anyio.sleep(0.01)
+    request_id = json.loads(stream.sent[0][4:])["id"]
+    stream.push(frame({"id": request_id, "kind": "result", "body": body}))
+
+
 HELLO = frame({"kind": "hello", "body": {"agent": None, "protocol": p.PROTOCOL_VERSION}})
 
 
@@ -201,13 +209,7 @@ async def test_forged_reply_to_a_waiting_id_ends_only_that_connection() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(client.serve)
 
-        async def forge() -> None:
-            while not stream.sent:
-                await anyio.sleep(0.01)
-            request_id = json.loads(stream.sent[0][4:])["id"]
-            stream.push(frame({"id": request_id, "kind": "result", "body": {"bogus": 1}}))
-
-        tg.start_soon(forge)
+        tg.start_soon(answer_first_request, stream, {"bogus": 1})
         with pytest.raises(AgentDied) as info:
             await client.request(p.Exec(command="true", cwd="/workspace", timeout=1, max_output=100))
         assert "malformed" in info.value.reason and "bogus" in info.value.reason
@@ -220,14 +222,8 @@ async def test_unknown_ids_are_ignored() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(client.serve)
 
-        async def answer() -> None:
-            while not stream.sent:
-                await anyio.sleep(0.01)
-            request_id = json.loads(stream.sent[0][4:])["id"]
-            body = {"protocol": p.PROTOCOL_VERSION, "python": "3.11", "pid": 2, "uid": 0}
-            stream.push(frame({"id": request_id, "kind": "result", "body": body}))
-
-        tg.start_soon(answer)
+        body = {"protocol": p.PROTOCOL_VERSION, "python": "3.11", "pid": 2, "uid": 0}
+        tg.start_soon(answer_first_request, stream, body)
         assert isinstance(await client.request(p.Ping()), p.PingResult)
         assert not client.closed.is_set()
         await stream.aclose()
