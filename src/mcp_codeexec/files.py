@@ -104,10 +104,7 @@ class FileStore:
         return self.root / tenant / file_id if _ID.fullmatch(file_id) else None
 
     def add(self, tenant: str, filename: str, data: bytes, container_id: str | None = None, path: str | None = None) -> FileMeta:
-        with self._lock:
-            used = self._used.get(tenant)
-        if used is None:
-            used = self.used(tenant)
+        used = self.used(tenant)
         if used + len(data) > self.cap(tenant):
             raise StoreFull(
                 f"keeping {len(data)} more bytes would exceed the {self.cap(tenant)}-byte cap on stored files "

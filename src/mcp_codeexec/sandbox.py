@@ -150,12 +150,10 @@ class Sandbox:
             try:
                 if self.before_start is not None:
                     await self.before_start(self)  # the running cap
-                if (await self.deployment.labels(self.name)).get(f"{LABEL}.layout") != LAYOUT:
-                    # Made by an older version (agent exec'd as uid 1000): re-create it
-                    # around the same workspace; processes still running in it are lost.
-                    await self.deployment.kill(self.name)
-                    volume = f"mcp-codeexec-ws.{self.info.id}"  # the backend keeps the one it has
-                    await self.deployment.upgrade(self.name, sandbox_spec(self.settings, self.name, volume, self.info))
+                # Made by an older version (agent exec'd as uid 1000)? The backend re-creates
+                # it around the same workspace; processes still running in it are lost.
+                volume = f"mcp-codeexec-ws.{self.info.id}"  # the backend keeps the one it has
+                await self.deployment.upgrade(self.name, sandbox_spec(self.settings, self.name, volume, self.info))
                 state = await self.deployment.state(self.name)
                 if not state.running:
                     await self.deployment.start(self.name)

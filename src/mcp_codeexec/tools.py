@@ -238,10 +238,6 @@ async def python(
     return outcome
 
 
-def _editor_error(code: str, message: str) -> wire.EditorError:
-    return wire.EditorError(error_code=code, error_message=message)  # type: ignore[arg-type]
-
-
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -254,13 +250,13 @@ async def editor(get_sandbox: SandboxGetter, arguments: dict[str, Any]) -> Outco
     try:
         args = wire.editor_input.validate_python(arguments)
     except ValidationError as exc:
-        return Outcome(_editor_error("invalid_tool_input", _describe(exc)), None)
+        return Outcome(error(wire.EDITOR_TOOL, "invalid_tool_input", _describe(exc)), None)
     reply, sandbox, failure = await _run(get_sandbox, p.Edit(**args.model_dump()), _EDITOR_TIMEOUT)
     if isinstance(failure, SandboxDied):
-        return Outcome(_editor_error("unavailable", f"{failure.reason}; the sandbox was restarted, files are intact"), sandbox)
+        return Outcome(error(wire.EDITOR_TOOL, "unavailable", f"{failure.reason}; the sandbox was restarted, files are intact"), sandbox)
     if failure is not None:
         return Outcome(error(wire.EDITOR_TOOL, failure.code, failure.message), sandbox)
     if isinstance(reply, p.Failure):
         code = reply.code if reply.code in ("file_not_found", "string_not_found", "invalid_tool_input") else "unavailable"
-        return Outcome(_editor_error(code, reply.message), sandbox)
+        return Outcome(error(wire.EDITOR_TOOL, code, reply.message), sandbox)
     return Outcome(wire.editor_result.validate_python(reply.result), sandbox)

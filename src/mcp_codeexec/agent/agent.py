@@ -257,11 +257,7 @@ class Agent:
         if self.watcher is None:
             return [], ""
         since, overflows = mark
-        self.events.extend(self.watcher.drain())
-        if self.watcher.overflowed:
-            self.overflows += 1
-            self.watcher.close()
-            self.watcher = Watcher(self.editor.root)
+        self._take_events()
         if self.overflows != overflows:
             found, complete = recent_files(self.editor.root, started)
             note = (
@@ -280,16 +276,22 @@ class Agent:
                 found.append([path, st.st_size])
         return found, ""
 
+    def _take_events(self) -> None:
+        """Move the watcher's events into self.events; after a loss, count it and start a
+        fresh watcher (the old one's watches may miss new directories)."""
+        assert self.watcher is not None
+        self.events.extend(self.watcher.drain())
+        if self.watcher.overflowed:
+            self.overflows += 1
+            self.watcher.close()
+            self.watcher = Watcher(self.editor.root)
+
     def event_mark(self) -> tuple[int, int]:
         """Where a call starts: (file events seen so far, watcher overflows so far). A
         call's files are the events after its mark."""
         if self.watcher is None:
             return 0, 0
-        self.events.extend(self.watcher.drain())
-        if self.watcher.overflowed:  # lost before this call began: start it afresh
-            self.overflows += 1
-            self.watcher.close()
-            self.watcher = Watcher(self.editor.root)
+        self._take_events()
         if self.in_flight <= 1 or len(self.events) > 100_000:  # only this call runs: drop the old ones
             self.events_base += len(self.events)
             self.events.clear()

@@ -98,8 +98,9 @@ class Deployment(abc.ABC):
     async def start(self, name: str) -> None: ...
 
     async def upgrade(self, name: str, spec: SandboxSpec) -> bool:
-        """Bring a stopped sandbox made by an older version up to `spec`'s layout, keeping
-        its workspace; True if anything changed. Backends without older layouts: no-op."""
+        """Bring a sandbox made by an older version up to `spec`'s layout (stopping it if
+        it runs), keeping its workspace; True if anything changed. Backends without older
+        layouts: no-op."""
         return False
 
     async def image_manifest(self, image: str) -> dict[str, Any] | None:

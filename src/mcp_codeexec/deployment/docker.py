@@ -189,8 +189,8 @@ class DockerDeployment(Deployment):
 
     async def upgrade(self, name: str, spec: SandboxSpec) -> bool:
         """Re-create a container that an older version of this server made (its layout
-        label differs from the spec's), keeping its workspace volume and labels. True if
-        it did."""
+        label differs from the spec's), running or not, keeping its workspace volume and
+        labels. True if it did."""
         labels = await self.labels(name)
         if labels.get(LAYOUT_LABEL) == spec.labels.get(LAYOUT_LABEL):
             return False
