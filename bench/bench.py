@@ -40,6 +40,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp_codeexec.agent import client as agent_client
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
+from mcp_codeexec.deployment.base import remove_all
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 FLOOR_SCRIPT = """
@@ -238,7 +239,7 @@ async def run(args: argparse.Namespace) -> None:
         await main(args, tenant)
     finally:  # also when a row fails: leave no sandbox behind
         with anyio.CancelScope(shield=True):
-            await DockerDeployment().remove_all(f"mcp-codeexec.{tenant}.")
+            await remove_all(DockerDeployment(), f"mcp-codeexec.{tenant}.")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import httpx2
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from mcp_codeexec.deployment.base import remove_all
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 
@@ -102,7 +103,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-        await DockerDeployment().remove_all("mcp-codeexec.load")
+        await remove_all(DockerDeployment(), "mcp-codeexec.load")
         os.unlink(tokens_file.name)
     print(f"\n{'clients':>8} {'seconds':>8} {'calls':>7} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'RSS before MiB':>15} {'RSS after MiB':>14}")
     print(f"{args.clients:8d} {elapsed:8.1f} {len(latencies):7d} {len(latencies) / max(elapsed, 1e-9):8.1f} "

@@ -88,9 +88,10 @@ async def main(args: argparse.Namespace) -> None:
         ("text_editor_code_execution view via MCP (warm)", view),
         ("code_execution cell via MCP (warm, 20260120)", cell),
     ]
+    from mcp_codeexec.deployment.base import remove_all
     from mcp_codeexec.deployment.docker import DockerDeployment
 
-    await DockerDeployment().remove_all("mcp-codeexec.bench-privsep.")
+    await remove_all(DockerDeployment(), "mcp-codeexec.bench-privsep.")
     base = pct(floor, 0.5)
     print(f"\n{'path':56} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'p50/floor':>10}")
     print("-" * 93)

@@ -26,6 +26,7 @@ import anyio
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from mcp_codeexec.deployment.base import remove_all
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 
@@ -75,7 +76,7 @@ async def main(args: argparse.Namespace) -> None:
         rows.append(("first cell of a session (interpreter start + cell)", first))
     finally:
         with anyio.CancelScope(shield=True):
-            await DockerDeployment().remove_all(f"mcp-codeexec.{tenant}.")
+            await remove_all(DockerDeployment(), f"mcp-codeexec.{tenant}.")
     base = pct(rows[0][1], 0.5)
     print(f"{'call, through MCP':52} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'x repl p50':>11}")
     for label, samples in rows:

@@ -47,5 +47,5 @@ scripts/setup.sh || exit $?
 # Static checks first (config in pyproject.toml): seconds, and a failure stops the run.
 .venv/bin/ruff check src tests bench || exit $?
 .venv/bin/mypy || exit $?
-.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -q tests/unit tests/e2e "$@"
 exit $?

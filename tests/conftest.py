@@ -23,7 +23,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from strict import validate_result
 
-from mcp_codeexec.containers import _owner_alive
+from mcp_codeexec.deployment.base import remove_all
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 IMAGE = os.environ.get("MCP_CODEEXEC_IMAGE", "mcp-codeexec-sandbox:latest")
@@ -35,15 +35,17 @@ TENANT = os.environ.get("MCP_CODEEXEC_TEST_TENANT", "pytest")
 
 def remove_test_containers(api: docker.APIClient) -> None:
     """Remove the tests' containers the way the server does (workspace volume, and its disk
-    quota's loop device and backing file too), and pool containers whose owner is gone."""
+    quota's loop device and backing file too), and pool containers no server is connected
+    to (their server is gone) that are older than a minute."""
     # The test tenant and its family (pytest-t, pytest-t-b, ...), and no other run's tenant
     # that merely starts with the same letters.
+    backend = DockerDeployment()
     for prefix in (f"mcp-codeexec.{TENANT}.", f"mcp-codeexec.{TENANT}-"):
-        anyio.run(DockerDeployment().remove_all, prefix)
+        anyio.run(remove_all, backend, prefix)
     for c in api.containers(all=True, filters={"name": "mcp-codeexec-pool."}):
-        owner = (c.get("Labels") or {}).get(f"{LABEL}.pool-owner", "")
-        if not _owner_alive(owner):
-            anyio.run(DockerDeployment().remove, c["Names"][0].lstrip("/"))
+        name = c["Names"][0].lstrip("/")
+        if time.time() - c["Created"] > 60 and not anyio.run(backend.inspect, name).in_use:
+            anyio.run(backend.remove, name)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ from pathlib import Path
 import anyio
 from mcp.server.stdio import stdio_server
 
-from mcp_codeexec import __version__, wire
+from mcp_codeexec import __version__
 from mcp_codeexec.config import Settings, parse_duration, parse_size
+from mcp_codeexec.profiles import VERSIONS
 
 log = logging.getLogger("mcp_codeexec")
 
@@ -50,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", help=f"working directory inside the sandbox (default {d.workdir}; local backend: "
                     "a host directory, shared by its sandboxes)")
     ap.add_argument("--tmp-size", default="512m", help="size of /tmp and $HOME tmpfs in the sandbox (default 512m)")
-    ap.add_argument("--profile", default=d.profile, choices=wire.PROFILES,
+    ap.add_argument("--profile", default=d.profile, choices=VERSIONS,
                     help="the API tool version to mimic: 20250825 (bash + editor, default), 20260120 (+ persistent "
                     "Python REPL tool code_execution), 20260521 (20260120 with a per-cell limit), 20250522 (legacy: "
                     "one Python tool, fresh interpreter per call)")
@@ -141,9 +142,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def serve_stdio(settings: Settings) -> None:
+    from mcp_codeexec.app import App
     from mcp_codeexec.server import build_server
 
-    server = build_server(settings)
+    server = build_server(App(settings))
     async with anyio.create_task_group() as tg:
 
         async def on_signal() -> None:

@@ -6,6 +6,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mcp_codeexec.profiles import PROFILES, Profile
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -54,7 +56,7 @@ class Settings(BaseModel):
     workdir: str = "/workspace"
     tmp_bytes: int = 512 << 20
     lifetime: float = 30 * 86400.0  # seconds: a container expires this long after creation
-    profile: str = "20250825"  # the API tool version to mimic (wire.PROFILES)
+    profile: str = "20250825"  # the API tool version to mimic (profiles.VERSIONS)
     cell_timeout: float = 90.0  # 20260521: wall-clock limit per Python cell
     tenant: str = "default"  # stdio's one tenant; HTTP maps tokens to tenants
     container: str | None = None  # stdio: reuse this container id for the session
@@ -83,6 +85,10 @@ class Settings(BaseModel):
     max_upload_bytes: int = 500 << 20  # stdio: host paths copied into every new container
     # Past timeout + this, the server stops waiting for the agent and restarts the sandbox.
     backstop_grace: float = 10.0
+
+    @property
+    def tool_profile(self) -> Profile:
+        return PROFILES[self.profile]
 
     @property
     def rlimit_as(self) -> int:

@@ -5,9 +5,11 @@ The engine is the only record. A container's name says who owns it and its id
 workspace is a volume of its own. So a restarted server (even after kill -9) finds every
 container again by name, and nothing else needs storing.
 
-Warm-pool containers are created and started ahead of need under a pool name, and handed
-out by renaming them: the engine's rename is atomic, so no container is ever handed to two
-sessions, even by two server processes.
+Warm-pool containers are created and started ahead of need under a pool name, labelled
+with the server that made them, and handed out by that server alone with the backend's
+`claim` (an atomic rename for Docker), so no container is ever handed to two sessions, even
+by two server processes. A pool container that no server is connected to (its server
+exited or was killed) is an orphan, and any server's reaper removes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +27,7 @@ import anyio
 import anyio.abc
 
 from mcp_codeexec.config import Settings
-from mcp_codeexec.deployment.base import Deployment
+from mcp_codeexec.deployment.base import Deployment, SandboxRecord
 from mcp_codeexec.errors import BackendUnavailable, ContainerExpired, NameTaken, SandboxGone, TooManyRequests
 from mcp_codeexec.sandbox import LABEL, ContainerInfo, Sandbox, iso, sandbox_spec
 
@@ -34,43 +38,46 @@ POOL_PREFIX = "mcp-codeexec-pool."
 _OWNER_LABEL = f"{LABEL}.pool-owner"
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _ID = re.compile(r"container_[A-Za-z0-9]{24}")
+_POOL_GRACE = timedelta(seconds=30)
 
 
 class TooManyContainers(TooManyRequests):
     """The server's cap on running containers is reached and none is idle."""
 
 
-def _known(size: int) -> int | None:
-    return size if size >= 0 else None
-
-
 def container_name(tenant: str, container_id: str) -> str:
     return f"{PREFIX}{tenant}.{container_id}"
 
 
-def _process_identity(pid: int) -> str | None:
-    """pid plus its start time, so a reused pid does not pass for the old process."""
+def server_identity() -> str:
+    """This server process, told apart from any other: pid plus its start time (so a reused
+    pid does not pass for an old process), plus a random part (another host, another pid
+    namespace). Only compared for equality; tests read the pid from it."""
+    pid = os.getpid()
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f"{pid}:{f.read().rsplit(b')', 1)[1].split()[19].decode()}"
+            started = f.read().rsplit(b")", 1)[1].split()[19].decode()
     except (OSError, IndexError):
-        return None
-
-
-def _owner_alive(owner: str) -> bool:
-    pid = owner.split(":", 1)[0]
-    return pid.isdigit() and _process_identity(int(pid)) == owner
+        started = "0"
+    return f"{pid}:{started}:{secrets.token_hex(4)}"
 
 
 class ContainerManager:
-    def __init__(self, settings: Settings, deployment: Deployment, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        deployment: Deployment,
+        task_group: anyio.abc.TaskGroup,
+        containers_cap: Callable[[str], int | None] = lambda tenant: None,
+    ) -> None:
         self.settings = settings
+        self.containers_cap = containers_cap  # containers a tenant may have (None: no cap)
         self.deployment = deployment
         self.task_group = task_group
         self._open: dict[str, Sandbox] = {}  # by container name
         self._pool: list[Sandbox] = []
         self._pool_wanted = anyio.Event()
-        self._owner = _process_identity(os.getpid()) or str(os.getpid())
+        self._owner = server_identity()
         self._start_lock = anyio.Lock()
         self._pool_scope = anyio.CancelScope()
         self._pool_stopped = anyio.Event()
@@ -87,7 +94,7 @@ class ContainerManager:
         sandbox = self._open.get(name)
         if sandbox is None:
             try:
-                labels = await self.deployment.labels(name)
+                labels = (await self.deployment.inspect(name)).labels
             except SandboxGone:
                 raise ContainerExpired(f"no container {container_id!r}") from None
             sandbox = self._adopt(name, ContainerInfo.from_labels(container_id, labels))
@@ -100,12 +107,15 @@ class ContainerManager:
         """A fresh container for the tenant: from the warm pool if one is ready."""
         if not _TENANT.fullmatch(tenant):
             raise ValueError(f"bad tenant name {tenant!r}")
+        cap = self.containers_cap(tenant)
+        if cap is not None and len(await self.deployment.list(f"{PREFIX}{tenant}.")) >= cap:
+            raise TooManyRequests(f"tenant {tenant} has {cap} containers, its limit; reuse one by id or let one expire")
         while self._pool:
             sandbox = self._pool.pop(0)
             self._pool_wanted.set()
             name = container_name(tenant, sandbox.info.id)
             try:
-                await self.deployment.rename(sandbox.name, name)
+                await self.deployment.claim(sandbox.name, name)
             except (SandboxGone, NameTaken):
                 continue  # lost (removed by hand, or claimed): try the next
             self._open.pop(sandbox.name, None)
@@ -186,8 +196,7 @@ class ContainerManager:
         now = datetime.now(UTC)
         for record in await self.deployment.list(PREFIX) + await self.deployment.list(POOL_PREFIX):
             expires = record.labels.get(f"{LABEL}.expires_at")
-            owner = record.labels.get(_OWNER_LABEL)
-            orphan = record.name.startswith(POOL_PREFIX) and owner != self._owner and not (owner and _owner_alive(owner))
+            orphan = record.name.startswith(POOL_PREFIX) and await self._orphaned(record, now)
             if orphan or (expires and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= now):
                 log.info("reaper: removing %s (%s)", record.name, "orphaned pool" if orphan else "expired")
                 sandbox = self._open.pop(record.name, None)
@@ -196,16 +205,32 @@ class ContainerManager:
                 await self.deployment.remove(record.name)
             elif record.running and not record.name.startswith(POOL_PREFIX):
                 mine = self._open.get(record.name)
-                if (mine is None or not mine.running) and await self.deployment.attached(record.name) == 0:
+                if (mine is None or not mine.running) and not await self._in_use(record.name):
                     # Running, but no server is attached (its server exited or was killed).
                     log.info("reaper: stopping %s: no server uses it", record.name)
-                    await self.deployment.kill(record.name)
+                    await self.deployment.stop(record.name)
         idle_for = self.settings.idle_stop
         for sandbox in list(self._open.values()):
             if sandbox.running and sandbox.in_flight == 0 and sandbox not in self._pool:
                 if time.monotonic() - sandbox.last_used > idle_for:
                     log.info("stopping %s: idle for over %ds", sandbox.info.id, idle_for)
                     await sandbox.stop()
+
+    async def _orphaned(self, record: SandboxRecord, now: datetime) -> bool:
+        """Another server's pool container that no server is connected to, and old enough
+        that its maker has had time to connect (it does within seconds of creating it)."""
+        if record.labels.get(_OWNER_LABEL) == self._owner:
+            return False
+        created = record.labels.get(f"{LABEL}.created_at")
+        if created and datetime.fromisoformat(created.replace("Z", "+00:00")) > now - _POOL_GRACE:
+            return False
+        return not await self._in_use(record.name)
+
+    async def _in_use(self, name: str) -> bool:
+        try:
+            return bool((await self.deployment.inspect(name)).in_use)
+        except SandboxGone:
+            return True  # gone meanwhile: nothing to do with it
 
     async def _remove(self, sandbox: Sandbox) -> None:
         self._open.pop(sandbox.name, None)
@@ -224,8 +249,7 @@ class ContainerManager:
 
     async def list(self, tenant: str) -> list[dict[str, Any]]:
         prefix = f"{PREFIX}{tenant}."
-        records = await self.deployment.list(prefix)
-        sizes = await self.deployment.volume_sizes() if records else {}
+        records = await self.deployment.list(prefix, sizes=True)
         listing = []
         for record in records:
             container_id = record.name[len(prefix) :]
@@ -239,8 +263,8 @@ class ContainerManager:
                     "created_at": iso(info.created_at),
                     "expires_at": iso(info.expires_at),
                     "state": "expired" if info.expired else "running" if record.running else "stopped",
-                    # None when the engine does not measure the volume (quota volumes on a loop device)
-                    "size_bytes": _known(sizes.get(record.labels.get(f"{LABEL}.volume", ""), -1)),
+                    # None when the backend does not measure it (quota volumes on a loop device)
+                    "size_bytes": record.size_bytes,
                 }
             )
         return sorted(listing, key=lambda c: c["created_at"])
@@ -256,9 +280,9 @@ class ContainerManager:
                 return
             try:
                 with anyio.move_on_after(2):  # our own agent takes a moment to see EOF and exit
-                    while await self.deployment.attached(sandbox.name):
+                    while (await self.deployment.inspect(sandbox.name)).in_use:
                         await anyio.sleep(0.1)
-                    await self.deployment.kill(sandbox.name)
+                    await self.deployment.stop(sandbox.name)
             except (SandboxGone, BackendUnavailable):
                 pass
 

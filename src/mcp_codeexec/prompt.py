@@ -15,12 +15,12 @@ PROMPT_URI = "codeexec://system-prompt"
 
 
 def _tools_paragraph(s: Settings) -> str:
-    if s.profile == "20250522":
+    if s.tool_profile.legacy:
         return (
             f"You have one tool that runs inside a remote Linux sandbox: `{CODE_TOOL}` (runs Python code). "
             "It behaves like the Claude API's code execution tool (version 20250522)."
         )
-    extra = f", and `{CODE_TOOL}` (runs Python code in a persistent interpreter)" if s.profile != "20250825" else ""
+    extra = f", and `{CODE_TOOL}` (runs Python code in a persistent interpreter)" if s.tool_profile.repl else ""
     return (
         f"You have tools that run inside a remote Linux sandbox: `{BASH_TOOL}` (runs a bash command), "
         f"`{EDITOR_TOOL}` (view, create and edit files){extra}. They behave like the Claude API's code "
@@ -29,14 +29,14 @@ def _tools_paragraph(s: Settings) -> str:
 
 
 def _python_semantics(s: Settings) -> str:
-    if s.profile == "20250522":
+    if s.tool_profile.legacy:
         return f"- Each `{CODE_TOOL}` call runs in a fresh Python interpreter: only files carry over.\n"
-    if s.profile == "20250825":
+    if not s.tool_profile.repl:
         return ""
     limit = (
         f"Each cell may run for at most {s.cell_timeout:g} seconds of wall-clock time; past that it is stopped, "
         "the result has a non-zero return_code and a `detection_timeout` notice, and the interpreter's state is reset."
-        if s.profile == "20260521"
+        if s.tool_profile.cell_limit
         else f"Each cell may run for at most {s.timeout:g} seconds."
     )
     return (

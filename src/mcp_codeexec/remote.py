@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import posixpath
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -30,11 +29,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from mcp_codeexec.app import App
+from mcp_codeexec.calls import put_file
 from mcp_codeexec.config import Settings
 from mcp_codeexec.errors import BackendUnavailable, CodeExecError, ContainerExpired, FileNotFound
 from mcp_codeexec.files import StoreFull
-from mcp_codeexec.server import AppState, build_server, put_file
-from mcp_codeexec.tenants import HashedTokenVerifier, load_tenants
+from mcp_codeexec.server import build_server
+from mcp_codeexec.tenants import HashedTokenVerifier
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,15 @@ def _file_json(meta: Any) -> dict[str, Any]:
 
 
 def build_app(settings: Settings) -> Starlette:
-    shared: list[AppState] = []
-    server = build_server(settings, shared=shared)
-    policies = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else {}
-    verifier = HashedTokenVerifier(policies) if policies else None
+    app = App(settings)
+    server = build_server(app)
+    verifier = HashedTokenVerifier(app.policies) if app.policies else None
     url = settings.public_url or f"http://{settings.host}:{settings.port}"
     auth = AuthSettings(issuer_url=AnyHttpUrl(url), resource_server_url=None, required_scopes=[]) if verifier else None
     security = _security(settings)
 
-    def state() -> AppState:
-        return shared[0]
+    def state() -> App:
+        return app
 
     def tenant_of(request: Request) -> str | None:
         """The caller's tenant, or None if a token is required and missing or wrong."""
@@ -141,7 +141,7 @@ def build_app(settings: Settings) -> Starlette:
     async def healthz(request: Request) -> Response:
         try:
             with anyio.fail_after(10):
-                info = await state().deployment.check(settings.image)
+                info = await state().backend.check(settings.image)
         except (BackendUnavailable, TimeoutError) as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok", "engine": info.engine, "runtime": info.runtime})

@@ -153,10 +153,7 @@ class Sandbox:
                 # Made by an older version (agent exec'd as uid 1000)? The backend re-creates
                 # it around the same workspace; processes still running in it are lost.
                 volume = f"mcp-codeexec-ws.{self.info.id}"  # the backend keeps the one it has
-                await self.deployment.upgrade(self.name, sandbox_spec(self.settings, self.name, volume, self.info))
-                state = await self.deployment.state(self.name)
-                if not state.running:
-                    await self.deployment.start(self.name)
+                await self.deployment.start(sandbox_spec(self.settings, self.name, volume, self.info))
             except SandboxGone:
                 raise ContainerExpired(f"container {self.info.id} no longer exists") from None
             self._agent = await self._connect()
@@ -198,7 +195,7 @@ class Sandbox:
             while True:
                 await anyio.sleep(_WATCH_INTERVAL)
                 try:
-                    state = await self.deployment.state(self.name)
+                    state = await self.deployment.inspect(self.name)
                 except SandboxGone:
                     state = None
                 if state is None or not state.running:
@@ -249,17 +246,17 @@ class Sandbox:
 
     async def _diagnose(self, agent: AgentClient, fallback: str) -> str:
         try:
-            state = await self.deployment.state(self.name)
+            state = await self.deployment.inspect(self.name)
             # A sandbox killed whole (memory) drops the agent's stream a moment before the
             # engine reports it stopped: give the engine that moment before blaming the agent.
             for _ in range(15):
                 if not state.running:
                     break
                 await anyio.sleep(0.2)
-                state = await self.deployment.state(self.name)
+                state = await self.deployment.inspect(self.name)
             if not state.running and not state.oom_killed:
                 await anyio.sleep(0.5)  # the engine sets OOMKilled a moment after the exit
-                state = await self.deployment.state(self.name)
+                state = await self.deployment.inspect(self.name)
         except SandboxGone:
             return "the sandbox's container disappeared"
         if state.oom_killed:
@@ -287,7 +284,7 @@ class Sandbox:
         async with self._lock:
             await self._drop_agent()
             try:
-                await self.deployment.kill(self.name)
+                await self.deployment.stop(self.name)
             except SandboxGone:
                 pass  # the next call answers container_expired
 
@@ -295,7 +292,7 @@ class Sandbox:
         """Stop an idle sandbox so it costs no memory; the next call restarts it."""
         async with self._lock:
             await self._drop_agent()
-            await self.deployment.kill(self.name)
+            await self.deployment.stop(self.name)
 
     async def _drop_agent(self) -> None:
         if self._agent is not None:

@@ -29,21 +29,31 @@ SandboxGetter = Callable[[], Awaitable[Sandbox]]
 
 
 class Outcome:
-    """A tool's result object, the sandbox that produced it (None if none was reached), and
-    the output files it registered."""
+    """A tool's result object, the sandbox that produced it (None if none was reached), the
+    output files it registered, and the small images among them (MIME type, bytes) to show
+    inline."""
 
-    def __init__(self, result: BaseModel, sandbox: Sandbox | None, files: list[FileMeta] | None = None) -> None:
+    def __init__(
+        self,
+        result: BaseModel,
+        sandbox: Sandbox | None,
+        files: list[FileMeta] | None = None,
+        images: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         self.result = result
         self.sandbox = sandbox
         self.files = files or []
+        self.images = images or []
 
 
 async def register_outputs(
     settings: Settings, store: FileStore, sandbox: Sandbox, written: list[list[Any]], total: int
-) -> tuple[list[FileMeta], list[str]]:
+) -> tuple[list[FileMeta], list[str], list[tuple[str, bytes]]]:
     """Copy the files a command wrote out of the sandbox into the store; (files, notes for
-    the model about what was left out)."""
-    files, notes = [], []
+    the model about what was left out, the small images to show inline with their bytes)."""
+    files: list[FileMeta] = []
+    notes: list[str] = []
+    images: list[tuple[str, bytes]] = []
     for path, size in written[: settings.max_output_files]:
         if size > settings.max_file_bytes:
             notes.append(f"{path} ({size} bytes) is over the {settings.max_file_bytes}-byte output-file limit: not registered")
@@ -55,12 +65,15 @@ async def register_outputs(
             continue
         try:
             data = await sandbox.read_file(path, min(settings.max_file_bytes, room))
-            files.append(store.add(sandbox.tenant, path.rsplit("/", 1)[-1], data, sandbox.info.id, path))
+            meta = store.add(sandbox.tenant, path.rsplit("/", 1)[-1], data, sandbox.info.id, path)
+            files.append(meta)
+            if meta.is_image and meta.size_bytes <= settings.inline_image_bytes:
+                images.append((meta.mime_type, data))
         except (CodeExecError, StoreFull) as exc:  # gone, grew past a limit meanwhile, ...
             notes.append(f"{path}: not registered ({exc})")
     if total > settings.max_output_files:
         notes.append(f"{total - settings.max_output_files} more files were written; only the first {settings.max_output_files} were registered")
-    return files, notes
+    return files, notes, images
 
 
 async def _run(get_sandbox: SandboxGetter, request: p.Request, limit: float, on_output: Any = None) -> tuple[Any, Sandbox | None, CodeExecError | None]:
@@ -168,11 +181,12 @@ async def _command(
     if reply.timed_out:
         return Outcome(error_cls(error_code="execution_time_exceeded"), sandbox)
     files: list[FileMeta] = []
+    images: list[tuple[str, bytes]] = []
     stderr = reply.stderr
     if reply.files_note:
         stderr += f"[mcp-codeexec] {reply.files_note}\n"
     if store is not None and reply.files and sandbox is not None:
-        files, notes = await register_outputs(settings, store, sandbox, reply.files, max(reply.files_total, len(reply.files)))
+        files, notes, images = await register_outputs(settings, store, sandbox, reply.files, max(reply.files_total, len(reply.files)))
         stderr += "".join(f"[mcp-codeexec] {note}\n" for note in notes)
     result = result_cls(
         stdout=fit_to_wire(reply.stdout),
@@ -180,7 +194,7 @@ async def _command(
         return_code=reply.return_code,
         content=[output_cls(file_id=f.id) for f in files],
     )
-    return Outcome(result, sandbox, files)
+    return Outcome(result, sandbox, files, images)
 
 
 async def bash(
@@ -222,18 +236,19 @@ async def python(
         return Outcome(wire.CodeError(error_code="invalid_tool_input"), None)
     if not _encodable(args.code):
         return Outcome(wire.CodeError(error_code="invalid_tool_input"), None)
-    limit = settings.cell_timeout if settings.profile == "20260521" else settings.timeout
+    profile = settings.tool_profile
+    limit = settings.cell_timeout if profile.cell_limit else settings.timeout
     request = p.Repl(
         code=args.code,
         timeout=limit,
         max_output=settings.max_output_bytes,
-        timeout_is_result=settings.profile == "20260521",
+        timeout_is_result=profile.cell_limit,
         stream=on_output is not None,
         cwd=settings.workdir,
     )
     kind = (wire.CodeResult, wire.CodeOutput, wire.CodeError)
     outcome = await _command(settings, get_sandbox, request, limit, kind, on_output, store)
-    if settings.profile == "20250522" and outcome.sandbox is not None:
+    if profile.legacy and outcome.sandbox is not None:
         await _run(get_sandbox, p.ReplReset(), _EDITOR_TIMEOUT)  # no state carries over
     return outcome
 

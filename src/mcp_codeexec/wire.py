@@ -15,8 +15,6 @@ BASH_TOOL = "bash_code_execution"
 EDITOR_TOOL = "text_editor_code_execution"
 CODE_TOOL = "code_execution"  # Python: the whole tool in 20250522, the REPL in 20260120+
 
-PROFILES = ("20250825", "20260120", "20260521", "20250522")
-
 # The SDK's enums plus `container_expired` (and `string_not_found` for the editor), which the
 # API documents in its error table but the SDK enums do not list yet.
 BashErrorCode = Literal[

@@ -261,7 +261,7 @@ async def connect_agent(
     code with `config` ({"root": workspace, "rlimit_as": bytes}), loaded or reloaded as
     needed. Its serve() runs in `task_group` (it never raises)."""
     for _ in range(3):
-        stream = await deployment.open_agent(name, relay_argv())
+        stream = await deployment.connect(name, relay_argv())
         agent = AgentClient(stream, Bounds(str(config["root"])))
         task_group.start_soon(agent.serve)
         try:

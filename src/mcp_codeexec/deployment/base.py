@@ -41,20 +41,17 @@ class SandboxSpec:
 
 
 @dataclass(frozen=True)
-class SandboxState:
-    running: bool
-    status: str  # the engine's word: running, exited, created, ...
-    exit_code: int | None = None
-    oom_killed: bool = False
-
-
-@dataclass(frozen=True)
 class SandboxRecord:
-    """A sandbox as the engine lists it."""
+    """A sandbox as its backend sees it: what the layers above need, no engine objects."""
 
     name: str
-    labels: dict[str, str]
+    labels: dict[str, str]  # the only state kept with a sandbox (owner, times, layout)
     running: bool
+    status: str = ""  # the backend's own word (running, exited, created, ...) for messages
+    exit_code: int | None = None  # of its main process, once it stopped
+    oom_killed: bool = False  # the host killed it (or part of it) for memory
+    in_use: int | None = None  # agent connections open (of any server); inspect() counts them
+    size_bytes: int | None = None  # the workspace's bytes; list(sizes=True) measures them
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,10 @@ class AgentStream(abc.ABC):
 
 
 class Deployment(abc.ABC):
-    """Creates, starts, inspects and removes sandboxes, and opens agent streams into them."""
+    """Where sandboxes run. Nine verbs that serve Docker and Kubernetes alike; names are the
+    layers' own (`mcp-codeexec.<tenant>.<id>`), labels are the only state kept with a
+    sandbox. A tenth, `image_manifest`, is optional. See docs/architecture.md for how each
+    verb maps to Docker and to Kubernetes."""
 
     @abc.abstractmethod
     async def check(self, image: str | None = None) -> BackendInfo:
@@ -92,36 +92,16 @@ class Deployment(abc.ABC):
 
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> None:
-        """Create (not start) the sandbox and its workspace storage."""
+        """Create (not start) the sandbox and its workspace storage; NameTaken if it exists."""
 
     @abc.abstractmethod
-    async def start(self, name: str) -> None: ...
-
-    async def upgrade(self, name: str, spec: SandboxSpec) -> bool:
-        """Bring a sandbox made by an older version up to `spec`'s layout (stopping it if
-        it runs), keeping its workspace; True if anything changed. Backends without older
-        layouts: no-op."""
-        return False
-
-    async def image_manifest(self, image: str) -> dict[str, Any] | None:
-        """What the sandbox image has installed (image.py), for the system prompt; None
-        when the backend has no image. May raise: the prompt then lists no versions."""
-        return None
+    async def start(self, spec: SandboxSpec) -> None:
+        """Make the sandbox `spec.name` run: started if stopped, and re-made around the same
+        workspace when an older version made it to another layout (processes still running
+        in it are lost). Running already: nothing. SandboxGone if it does not exist."""
 
     @abc.abstractmethod
-    async def rename(self, name: str, new_name: str) -> None:
-        """Atomic in the engine: raises NameTaken if new_name exists, SandboxGone if name doesn't."""
-
-    @abc.abstractmethod
-    async def list(self, prefix: str) -> builtins.list[SandboxRecord]:
-        """Every sandbox whose name starts with prefix."""
-
-    @abc.abstractmethod
-    async def volume_sizes(self) -> dict[str, int]:
-        """Bytes used by each workspace volume (may be slow: for listings, not hot paths)."""
-
-    @abc.abstractmethod
-    async def kill(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
         """Stop every process in the sandbox at once; its workspace stays."""
 
     @abc.abstractmethod
@@ -129,18 +109,33 @@ class Deployment(abc.ABC):
         """Remove the sandbox and its workspace storage. Missing is not an error."""
 
     @abc.abstractmethod
-    async def state(self, name: str) -> SandboxState:
-        """Raises SandboxGone if it does not exist."""
+    async def claim(self, name: str, new_name: str) -> None:
+        """Hand a warm-pool sandbox to a tenant under `new_name`, atomically as far as the
+        backend allows: NameTaken if new_name exists, SandboxGone if name does not."""
 
     @abc.abstractmethod
-    async def labels(self, name: str) -> dict[str, str]:
-        """Raises SandboxGone if it does not exist."""
+    async def inspect(self, name: str) -> SandboxRecord:
+        """One sandbox, with `in_use` counted. SandboxGone if it does not exist."""
 
     @abc.abstractmethod
-    async def attached(self, name: str) -> int:
-        """How many agent streams (of any server process) are open into the sandbox."""
+    async def list(self, prefix: str, *, sizes: bool = False) -> builtins.list[SandboxRecord]:
+        """Every sandbox whose name starts with prefix; with sizes=True, workspace sizes too
+        (may be slow: for listings, not hot paths)."""
 
     @abc.abstractmethod
-    async def open_agent(self, name: str, argv: builtins.list[str]) -> AgentStream:
-        """Start `argv` (the relay) inside the running sandbox, as root, with its stdin
-        and stdout attached."""
+    async def connect(self, name: str, argv: builtins.list[str]) -> AgentStream:
+        """Start `argv` (the relay) inside the running sandbox, as root, with its stdin and
+        stdout as the returned stream."""
+
+    async def image_manifest(self, image: str) -> dict[str, Any] | None:
+        """What the sandbox image has installed (image.py), for the system prompt; None
+        when the backend has no image. May raise: the prompt then lists no versions."""
+        return None
+
+
+async def remove_all(backend: Deployment, prefix: str) -> int:
+    """Remove every sandbox whose name starts with prefix (tests, benchmarks, pruning)."""
+    records = await backend.list(prefix)
+    for record in records:
+        await backend.remove(record.name)
+    return len(records)

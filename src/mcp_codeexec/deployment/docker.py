@@ -42,7 +42,6 @@ from mcp_codeexec.deployment.base import (
     SandboxGone,
     SandboxRecord,
     SandboxSpec,
-    SandboxState,
 )
 from mcp_codeexec.image import read_manifest
 
@@ -187,16 +186,15 @@ class DockerDeployment(Deployment):
     async def create(self, spec: SandboxSpec) -> None:
         await self._create(spec, new_volume=True)
 
-    async def upgrade(self, name: str, spec: SandboxSpec) -> bool:
+    async def _upgrade(self, labels: dict[str, str], spec: SandboxSpec) -> bool:
         """Re-create a container that an older version of this server made (its layout
         label differs from the spec's), running or not, keeping its workspace volume and
         labels. True if it did."""
-        labels = await self.labels(name)
         if labels.get(LAYOUT_LABEL) == spec.labels.get(LAYOUT_LABEL):
             return False
         volume = labels.get(VOLUME_LABEL) or spec.volume
-        log.info("re-creating %s in the current layout (its workspace %s stays)", name, volume)
-        await self._call(self.api.remove_container, name, force=True)
+        log.info("re-creating %s in the current layout (its workspace %s stays)", spec.name, volume)
+        await self._call(self.api.remove_container, spec.name, force=True)
         kept = {k: v for k, v in labels.items() if k.startswith("org.mcp-codeexec.") and k != LAYOUT_LABEL}
         await self._create(replace(spec, volume=volume, labels={**kept, **spec.labels}), new_volume=False)
         return True
@@ -265,9 +263,14 @@ class DockerDeployment(Deployment):
         except SandboxGone as exc:  # the image is missing
             raise BackendUnavailable(f"cannot create sandbox: {exc}") from exc
 
-    async def start(self, name: str) -> None:
-        await self._call(self._reattach_workspace, name)  # quota: loop devices do not survive a reboot
-        await self._call(self.api.start, name)
+    async def start(self, spec: SandboxSpec) -> None:
+        record = await self.inspect(spec.name, count_in_use=False)
+        if await self._upgrade(record.labels, spec):
+            record = replace(record, running=False)
+        if record.running:
+            return
+        await self._call(self._reattach_workspace, spec.name)  # quota: loop devices do not survive a reboot
+        await self._call(self.api.start, spec.name)
 
     # --- quota helpers (deployment/quota.py)
     def _set_up_quota(self) -> None:
@@ -319,14 +322,17 @@ class DockerDeployment(Deployment):
         except Exception as exc:  # noqa: BLE001 - housekeeping must not fail a create
             log.warning("could not release orphaned workspace filesystems: %s", exc)
 
-    async def kill(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
         try:
             await self._call(self.api.kill, name)
         except BackendUnavailable:
             pass  # already stopped: the engine answers 409
         await self._call(self.api.wait, name, timeout=30)
 
-    async def rename(self, name: str, new_name: str) -> None:
+    async def claim(self, name: str, new_name: str) -> None:
+        # The engine's rename: atomic for one engine, though two processes renaming one
+        # container at once may both succeed (seen on 20.10), so each server claims only
+        # pool containers it made itself (containers.py).
         try:
             await anyio.to_thread.run_sync(self.api.rename, name, new_name)
         except docker.errors.NotFound as exc:
@@ -336,29 +342,31 @@ class DockerDeployment(Deployment):
                 raise NameTaken(str(exc)) from exc
             raise BackendUnavailable(f"Docker Engine error: {exc}") from exc
 
-    async def list(self, prefix: str) -> builtins.list[SandboxRecord]:
+    async def list(self, prefix: str, *, sizes: bool = False) -> builtins.list[SandboxRecord]:
         found = await self._call(self.api.containers, all=True, filters={"name": prefix})
+        volume_sizes = await self._volume_sizes() if sizes and found else {}
         records = []
         for c in found:
             name = c["Names"][0].lstrip("/")
             if name.startswith(prefix):  # the engine's filter matches anywhere in the name
-                records.append(SandboxRecord(name=name, labels=c.get("Labels") or {}, running=c["State"] == "running"))
+                labels = c.get("Labels") or {}
+                size = volume_sizes.get(labels.get(VOLUME_LABEL, ""), -1)
+                records.append(SandboxRecord(name=name, labels=labels, running=c["State"] == "running",
+                                             status=c["State"], size_bytes=size if size >= 0 else None))
         return records
 
-    async def remove_all(self, prefix: str) -> int:
-        """Remove every sandbox whose name starts with prefix (tests, benchmarks, pruning)."""
-        records = await self.list(prefix)
-        for record in records:
-            await self.remove(record.name)
-        return len(records)
-
-    async def volume_sizes(self) -> dict[str, int]:
+    async def _volume_sizes(self) -> dict[str, int]:
+        """Bytes per volume, -1 where unknown. The engine measures plain volumes; a quota
+        volume's filesystem is measured by the host disk its file takes (quota.py)."""
         usage = await self._call(self.api.df)
-        return {v["Name"]: v.get("UsageData", {}).get("Size", -1) for v in usage.get("Volumes") or []}
-
-    async def labels(self, name: str) -> dict[str, str]:
-        info = await self._call(self.api.inspect_container, name)
-        return info["Config"].get("Labels") or {}
+        sizes = {}
+        for v in usage.get("Volumes") or []:
+            size = v.get("UsageData", {}).get("Size", -1)
+            host_file = (v.get("Labels") or {}).get(q.FILE_LABEL)
+            if size < 0 and host_file:
+                size = q.disk_usage(host_file)
+            sizes[v["Name"]] = size
+        return sizes
 
     async def remove(self, name: str) -> None:
         try:
@@ -389,17 +397,20 @@ class DockerDeployment(Deployment):
 
                 await anyio.to_thread.run_sync(release)
 
-    async def state(self, name: str) -> SandboxState:
+    async def inspect(self, name: str, *, count_in_use: bool = True) -> SandboxRecord:
         info = await self._call(self.api.inspect_container, name)
         s = info["State"]
         oom = bool(s.get("OOMKilled"))
         if not s.get("Running") and not oom and s.get("ExitCode"):
             oom = await self._call(self._oom_event, name, s.get("StartedAt", ""))
-        return SandboxState(
+        return SandboxRecord(
+            name=name,
+            labels=info["Config"].get("Labels") or {},
             running=bool(s.get("Running")),
             status=s.get("Status", "?"),
             exit_code=s.get("ExitCode"),
             oom_killed=oom,
+            in_use=await self._call(self._running_execs, info.get("ExecIDs") or []) if count_in_use else None,
         )
 
     def _oom_event(self, name: str, started: str) -> bool:
@@ -414,20 +425,17 @@ class DockerDeployment(Deployment):
                                  filters={"container": name, "event": "oom"})
         return any(True for _ in events)
 
-    async def attached(self, name: str) -> int:
-        def count() -> int:
-            ids = self.api.inspect_container(name).get("ExecIDs") or []
-            running = 0
-            for exec_id in ids:
-                try:
-                    running += bool(self.api.exec_inspect(exec_id).get("Running"))
-                except docker.errors.NotFound:
-                    pass
-            return running
+    def _running_execs(self, exec_ids: builtins.list[str]) -> int:
+        """Agent connections are relays started by exec: count those still running."""
+        running = 0
+        for exec_id in exec_ids:
+            try:
+                running += bool(self.api.exec_inspect(exec_id).get("Running"))
+            except docker.errors.NotFound:
+                pass
+        return running
 
-        return await self._call(count)
-
-    async def open_agent(self, name: str, argv: builtins.list[str]) -> AgentStream:
+    async def connect(self, name: str, argv: builtins.list[str]) -> AgentStream:
         try:
             status, body, _ = await _http(
                 f"/containers/{name}/exec",

@@ -49,7 +49,6 @@ from mcp_codeexec.deployment.base import (
     SandboxGone,
     SandboxRecord,
     SandboxSpec,
-    SandboxState,
 )
 
 ISOLATION = (
@@ -198,7 +197,8 @@ class LocalDeployment(Deployment):
         labels = {**spec.labels, VOLUME_LABEL: spec.volume}
         self._write(spec.name, {"labels": labels, "workdir": spec.workdir, "env": spec.env, "pid": None, "identity": None})
 
-    async def start(self, name: str) -> None:
+    async def start(self, spec: SandboxSpec) -> None:
+        name = spec.name  # one layout only: nothing to upgrade
         state = self._read(name)
         if self._running(name, state):
             return
@@ -225,7 +225,7 @@ class LocalDeployment(Deployment):
             await anyio.sleep(0.05)
         raise BackendUnavailable(f"the local loader of {name} made no socket at {socket}")
 
-    async def kill(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
         state = self._read(name)
         if self._running(name, state):
             await anyio.to_thread.run_sync(_kill_tree, state["pid"])
@@ -237,12 +237,12 @@ class LocalDeployment(Deployment):
 
     async def remove(self, name: str) -> None:
         try:
-            await self.kill(name)
+            await self.stop(name)
         except SandboxGone:
             return
         shutil.rmtree(self._dir(name), ignore_errors=True)  # the workspace (Settings.workdir) stays
 
-    async def rename(self, name: str, new_name: str) -> None:
+    async def claim(self, name: str, new_name: str) -> None:
         try:
             os.rename(self._dir(name), self._dir(new_name))  # a running loader's socket moves along
         except FileNotFoundError:
@@ -252,34 +252,33 @@ class LocalDeployment(Deployment):
         if name in self._loaders:
             self._loaders[new_name] = self._loaders.pop(name)
 
-    async def state(self, name: str) -> SandboxState:
-        state = self._read(name)
+    async def inspect(self, name: str) -> SandboxRecord:
+        return self._record(name, self._read(name), in_use=self._relays(name))
+
+    def _record(self, name: str, state: dict[str, Any], *, in_use: int | None = None, size: int | None = None) -> SandboxRecord:
         running = self._running(name, state)
-        status = "running" if running else "created" if state.get("pid") is None else "exited"
-        return SandboxState(running=running, status=status, exit_code=None if running else state.get("exit_code"))
+        return SandboxRecord(
+            name=name,
+            labels=dict(state["labels"]),
+            running=running,
+            status="running" if running else "created" if state.get("pid") is None else "exited",
+            exit_code=None if running else state.get("exit_code"),
+            in_use=in_use,
+            size_bytes=size,
+        )
 
-    async def labels(self, name: str) -> dict[str, str]:
-        return dict(self._read(name)["labels"])
-
-    async def list(self, prefix: str) -> builtins.list[SandboxRecord]:
+    async def list(self, prefix: str, *, sizes: bool = False) -> builtins.list[SandboxRecord]:
         records = []
         for entry in sorted(self.base.glob(f"{prefix}*")) if self.base.is_dir() else []:
             try:
                 state = self._read(entry.name)
             except (SandboxGone, ValueError):
                 continue
-            records.append(SandboxRecord(name=entry.name, labels=state["labels"], running=self._running(entry.name, state)))
+            size = _tree_size(Path(state["workdir"])) if sizes else None
+            records.append(self._record(entry.name, state, size=size))
         return records
 
-    async def volume_sizes(self) -> dict[str, int]:
-        sizes = {}
-        for record in await self.list(""):
-            workdir = Path(self._read(record.name)["workdir"])
-            files = (p for p in workdir.rglob("*") if p.is_file() and not p.is_symlink())
-            sizes[record.labels[VOLUME_LABEL]] = sum(p.stat().st_size for p in files)
-        return sizes
-
-    async def attached(self, name: str) -> int:
+    def _relays(self, name: str) -> int:
         """Relays (of any server process) connected to this sandbox's socket."""
         marker = repr(self._socket(name)).encode()
         count = 0
@@ -292,7 +291,7 @@ class LocalDeployment(Deployment):
             count += b"mcp-codeexec relay" in cmdline and marker in cmdline
         return count
 
-    async def open_agent(self, name: str, argv: builtins.list[str]) -> AgentStream:
+    async def connect(self, name: str, argv: builtins.list[str]) -> AgentStream:
         self._read(name)  # SandboxGone if there is no such sandbox
         stderr = tempfile.TemporaryFile()
         try:
@@ -301,3 +300,9 @@ class LocalDeployment(Deployment):
             stderr.close()
             raise BackendUnavailable(f"cannot start the local relay: {exc}") from exc
         return LocalAgentStream(process, stderr)
+
+
+def _tree_size(directory: Path) -> int:
+    """Bytes in the regular files under a directory (symlinks not followed)."""
+    files = (p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+    return sum(p.stat().st_size for p in files)

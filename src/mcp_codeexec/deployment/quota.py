@@ -516,15 +516,17 @@ class WorkspaceQuota:
             log.info("released %d orphaned workspace filesystems", len(orphans))
         return orphans
 
-    def usage(self, volume: str) -> int:
-        """Bytes of host disk the volume's file takes."""
-        try:
-            return self.image(volume).stat().st_blocks * 512
-        except FileNotFoundError:
-            return 0
 
 
 # ------------------------------------------------------------------ set-up
+
+
+def disk_usage(host_file: str) -> int:
+    """Bytes of host disk a workspace filesystem's sparse file takes (-1: unreadable)."""
+    try:
+        return os.stat(host_file).st_blocks * 512
+    except OSError:
+        return -1
 
 
 class QuotaUnavailable(Exception):

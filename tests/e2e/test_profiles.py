@@ -7,7 +7,8 @@ import pytest
 from conftest import connect
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
-from test_bash import split_capped
+
+from .test_bash import split_capped
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
-    "standalone_editor", Path(__file__).resolve().parents[1] / "src/mcp_codeexec/agent/editor.py"
+    "standalone_editor", Path(__file__).resolve().parents[2] / "src/mcp_codeexec/agent/editor.py"
 )
 editor_mod = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(editor_mod)

@@ -27,22 +27,21 @@ MEMORY = 1 << 30
 
 async def start_sandbox(deployment: DockerDeployment, name: str) -> None:
     """A container like the server's (same limits shape), started."""
-    await deployment.create(
-        SandboxSpec(
-            name=name,
-            volume=name,
-            image=IMAGE,
-            runtime="runsc",
-            memory_bytes=MEMORY,
-            cpus=1,
-            pids_limit=256,
-            workdir=WORKDIR,
-            tmp_bytes=64 << 20,
-            command=tuple(loader_argv(p.PROTOCOL_VERSION)),
-            env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"},
-        )
+    spec = SandboxSpec(
+        name=name,
+        volume=name,
+        image=IMAGE,
+        runtime="runsc",
+        memory_bytes=MEMORY,
+        cpus=1,
+        pids_limit=256,
+        workdir=WORKDIR,
+        tmp_bytes=64 << 20,
+        command=tuple(loader_argv(p.PROTOCOL_VERSION)),
+        env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"},
     )
-    await deployment.start(name)
+    await deployment.create(spec)
+    await deployment.start(spec)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from conftest import TENANT, connect
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 from strict import validate_result
-from test_editor import tiny_png
+
+from .test_editor import tiny_png
 
 pytestmark = pytest.mark.anyio
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 from conftest import TENANT, connect
-from test_bash import assert_fork_bomb_result, assert_says_why_it_could_not_run
 
 from mcp_codeexec.deployment import quota as q
+
+from .test_bash import assert_fork_bomb_result, assert_says_why_it_could_not_run
 
 pytestmark = pytest.mark.anyio
 

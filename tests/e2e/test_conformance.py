@@ -33,7 +33,7 @@ from conftest import TENANT as TEST_TENANT
 
 CONFORMANCE_VERSION = "0.1.16"
 NODE_VERSION = "22.23.3"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFIX = REPO / ".cache" / "conformance"
 RESULTS = REPO / ".cache" / "conformance-results.json"
 TENANT = f"{TEST_TENANT}-conformance"  # tests/conftest.py removes the test tenant's family

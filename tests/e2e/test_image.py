@@ -20,7 +20,7 @@ from conftest import Session, connect
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SITE = "/usr/local/lib/python3.11/dist-packages"
 
 # SPEC section 4, as written there: distribution -> import name.

@@ -14,7 +14,6 @@ from conftest import TENANT, both, connect, server_pids, wait_for
 
 from mcp_codeexec.config import Settings
 from mcp_codeexec.containers import ContainerManager
-from mcp_codeexec.deployment.base import Deployment, SandboxRecord
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 pytestmark = pytest.mark.anyio
@@ -218,39 +217,3 @@ async def test_containers_resource_states_times_and_size(engine):
     async with connect(*args, "--no-prepare") as b:
         listing = await containers_listing(b)
         assert listing[cid]["state"] == "stopped" and listing[cid]["size_bytes"] >= 3_000_000, listing[cid]
-
-
-class ListingOnly(Deployment):
-    """An engine that only lists (the listing's logic, without Docker)."""
-
-    def __init__(self, records: list[SandboxRecord]) -> None:
-        self.records = records
-
-    async def list(self, prefix: str) -> list[SandboxRecord]:
-        return [r for r in self.records if r.name.startswith(prefix)]
-
-    async def volume_sizes(self) -> dict[str, int]:
-        return {"ws-1": 4096, "ws-2": -1}
-
-
-ListingOnly.__abstractmethods__ = frozenset()  # a listing uses nothing else
-
-
-async def test_containers_listing_says_expired():
-    labels = lambda created, expires, volume: {  # noqa: E731
-        "org.mcp-codeexec.created_at": created, "org.mcp-codeexec.expires_at": expires, "org.mcp-codeexec.volume": volume,
-    }
-    ids = ["container_" + c * 24 for c in "ABC"]
-    records = [
-        SandboxRecord(f"mcp-codeexec.t.{ids[0]}", labels("2020-01-01T00:00:00Z", "2020-01-31T00:00:00Z", "ws-1"), running=False),
-        SandboxRecord(f"mcp-codeexec.t.{ids[1]}", labels("2020-01-02T00:00:00Z", "2999-01-01T00:00:00Z", "ws-2"), running=True),
-        SandboxRecord(f"mcp-codeexec.t.{ids[2]}", labels("2020-01-03T00:00:00Z", "2999-01-01T00:00:00Z", "ws-9"), running=False),
-        SandboxRecord(f"mcp-codeexec.other.{'container_' + 'D' * 24}", labels("2020-01-01T00:00:00Z", "2999-01-01T00:00:00Z", "x"), running=True),
-    ]
-    async with anyio.create_task_group() as tg:
-        listing = await ContainerManager(Settings(), ListingOnly(records), tg).list("t")
-    assert listing == [
-        {"id": ids[0], "created_at": "2020-01-01T00:00:00Z", "expires_at": "2020-01-31T00:00:00Z", "state": "expired", "size_bytes": 4096},
-        {"id": ids[1], "created_at": "2020-01-02T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z", "state": "running", "size_bytes": None},
-        {"id": ids[2], "created_at": "2020-01-03T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z", "state": "stopped", "size_bytes": None},
-    ]

@@ -16,7 +16,8 @@ import pytest
 from conftest import TENANT, Session, connect, http_server, server_pids
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
-from test_operations import metric
+
+from .test_operations import metric
 
 pytestmark = pytest.mark.anyio
 

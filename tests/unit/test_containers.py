@@ -1,0 +1,48 @@
+"""The container manager over a backend that only lists: the listing's logic (ids, times,
+states, sizes), without Docker."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from mcp_codeexec.config import Settings
+from mcp_codeexec.containers import ContainerManager
+from mcp_codeexec.deployment.base import Deployment, SandboxRecord
+
+pytestmark = pytest.mark.anyio
+
+
+class ListingOnly(Deployment):
+    """A backend that only lists."""
+
+    def __init__(self, records: list[SandboxRecord]) -> None:
+        self.records = records
+
+    async def list(self, prefix: str, *, sizes: bool = False) -> list[SandboxRecord]:
+        return [r for r in self.records if r.name.startswith(prefix)]
+
+
+ListingOnly.__abstractmethods__ = frozenset()  # a listing uses nothing else
+
+
+async def test_containers_listing_says_expired():
+    labels = lambda created, expires: {  # noqa: E731
+        "org.mcp-codeexec.created_at": created, "org.mcp-codeexec.expires_at": expires,
+    }
+    ids = ["container_" + c * 24 for c in "ABC"]
+    records = [
+        SandboxRecord(f"mcp-codeexec.t.{ids[0]}", labels("2020-01-01T00:00:00Z", "2020-01-31T00:00:00Z"), running=False,
+                      size_bytes=4096),
+        SandboxRecord(f"mcp-codeexec.t.{ids[1]}", labels("2020-01-02T00:00:00Z", "2999-01-01T00:00:00Z"), running=True),
+        SandboxRecord(f"mcp-codeexec.t.{ids[2]}", labels("2020-01-03T00:00:00Z", "2999-01-01T00:00:00Z"), running=False),
+        SandboxRecord(f"mcp-codeexec.other.{'container_' + 'D' * 24}", labels("2020-01-01T00:00:00Z", "2999-01-01T00:00:00Z"),
+                      running=True),
+    ]
+    async with anyio.create_task_group() as tg:
+        listing = await ContainerManager(Settings(), ListingOnly(records), tg).list("t")
+    assert listing == [
+        {"id": ids[0], "created_at": "2020-01-01T00:00:00Z", "expires_at": "2020-01-31T00:00:00Z", "state": "expired", "size_bytes": 4096},
+        {"id": ids[1], "created_at": "2020-01-02T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z", "state": "running", "size_bytes": None},
+        {"id": ids[2], "created_at": "2020-01-03T00:00:00Z", "expires_at": "2999-01-01T00:00:00Z", "state": "stopped", "size_bytes": None},
+    ]
