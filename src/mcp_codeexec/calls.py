@@ -14,6 +14,7 @@ import anyio
 import mcp_types as types
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.context import ServerRequestContext
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
 from mcp_codeexec import tools
@@ -39,15 +40,32 @@ def tenant_of(app: App) -> str:
     return token.client_id if token is not None else app.settings.tenant
 
 
-def session_key(ctx: Context) -> str:
-    """stdio: the process is the session. HTTP: the transport's session (Mcp-Session-Id, or
-    the SSE connection); the stateless 2026-07-28 protocol has none, so its calls share the
-    tenant's default container unless they name one."""
+def session_key(app: App, ctx: Context) -> str | None:
+    """Whose container a call without a named one uses. stdio: the process is the session.
+    HTTP: the transport's session (Mcp-Session-Id, or the SSE connection). The stateless
+    2026-07-28 protocol has none: with --container-handles such a call gets a new container
+    (None), as in the Claude API; without, the tenant's default container ("default")."""
     request = ctx.request
     headers = getattr(request, "headers", None)
     if headers is None:
         return "stdio"
-    return headers.get("mcp-session-id") or getattr(request, "query_params", {}).get("session_id") or "default"
+    session = headers.get("mcp-session-id") or getattr(request, "query_params", {}).get("session_id")
+    if session:
+        return str(session)
+    if app.settings.container_handles and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        return None
+    return "default"
+
+
+def container_argument(app: App, arguments: dict[str, Any]) -> str | None:
+    """--container-handles: the tool argument `container` (an id; InvalidToolInput for any
+    other type). It overrides the session's container and `_meta.container`."""
+    if not app.settings.container_handles:
+        return None
+    named = arguments.pop("container", None)
+    if named is not None and not isinstance(named, str):
+        raise InvalidToolInput("container must be a container id (a string such as container_…)")
+    return named
 
 
 def requested_container(ctx: Context) -> str | None:
@@ -112,7 +130,9 @@ async def call_tool(app: App, ctx: Context, tool: str, arguments: dict[str, Any]
 
 async def _call(app: App, ctx: Context, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
     tenant = tenant_of(app)
-    session, requested = session_key(ctx), requested_container(ctx)
+    arguments = dict(arguments)
+    session = session_key(app, ctx)
+    requested = container_argument(app, arguments) or requested_container(ctx)
     uploads = container_uploads(ctx)
 
     async def get_sandbox() -> Sandbox:
@@ -138,6 +158,9 @@ async def _call(app: App, ctx: Context, tool: str, arguments: dict[str, Any]) ->
     log.info("call %s tenant=%s tool=%s container=%s outcome=%s %.1f ms", ctx.request_id, tenant, tool,
              container_id, getattr(outcome.result, "error_code", "ok"), elapsed * 1000)
     result = to_result(outcome.result, {"container": outcome.sandbox.info.meta()} if outcome.sandbox else None)
+    if app.settings.container_handles and outcome.sandbox is not None:  # the model learns its handle
+        cid = outcome.sandbox.info.id
+        result.content.append(types.TextContent(text=f'container: {cid} (pass "container": "{cid}" to keep working in this sandbox)'))
     for mime_type, data in outcome.images:  # the charts the model made, inline
         result.content.append(types.ImageContent(data=base64.b64encode(data).decode(), mime_type=mime_type))
     return result

@@ -59,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
                     help=f"20260521: wall-clock limit per Python cell (default {d.cell_timeout:g})")
     ap.add_argument("--tenant", default=d.tenant, help="owner name for this server's containers ([a-z0-9_-]; default 'default')")
     ap.add_argument("--container", metavar="ID", help="reuse this container (an id from a result's _meta) for the session")
+    ap.add_argument("--container-handles", action="store_true",
+                    help="every tool takes an optional `container` argument (an id from an earlier result, which names "
+                         "it in a text block); over stateless HTTP (protocol 2026-07-28) a call without one gets a new "
+                         "container, as in the Claude API. Changes the published input schemas (off by default)")
     ap.add_argument("--lifetime", default="30d", help="containers expire this long after creation (default 30d; e.g. 1h, 90s)")
     ap.add_argument("--idle-stop", default="15m", help="stop a container after this long without calls; files stay (default 15m)")
     ap.add_argument("--max-running", type=int, default=d.max_running, help=f"running containers per server (default {d.max_running})")
@@ -120,6 +124,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         cell_timeout=args.cell_timeout,
         tenant=args.tenant,
         container=args.container,
+        container_handles=args.container_handles,
         lifetime=parse_duration(args.lifetime),
         idle_stop=parse_duration(args.idle_stop),
         max_running=args.max_running,

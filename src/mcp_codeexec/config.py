@@ -60,6 +60,7 @@ class Settings(BaseModel):
     cell_timeout: float = 90.0  # 20260521: wall-clock limit per Python cell
     tenant: str = "default"  # stdio's one tenant; HTTP maps tokens to tenants
     container: str | None = None  # stdio: reuse this container id for the session
+    container_handles: bool = False  # tools take a `container` argument; stateless calls get fresh containers
     pool_size: int = 0  # started containers kept ready for new sessions
     prepare_session: bool = True  # stdio: start the session's container at launch
     max_running: int = Field(default=32, ge=1)  # running containers per server; idle ones are stopped past it

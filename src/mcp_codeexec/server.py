@@ -62,7 +62,25 @@ def tool_list(settings: Settings) -> list[types.Tool]:
         ),
         wire.CODE_TOOL: lambda: _code_tool(settings),
     }
-    return [made[name]() for name in profile.tools]
+    listed = [made[name]() for name in profile.tools]
+    return [_with_handle(tool) for tool in listed] if settings.container_handles else listed
+
+
+# --container-handles: one more optional argument, and one sentence saying how it works.
+HANDLE_PROPERTY = {
+    "type": "string",
+    "description": "A container id from an earlier result: run in that container (its files, its REPL state). "
+    "Omit it to start in a new container.",
+}
+HANDLE_SENTENCE = (
+    " Each result names its container (container_…); pass that id as `container` to keep working in the same "
+    "sandbox, or omit it for a new one."
+)
+
+
+def _with_handle(tool: types.Tool) -> types.Tool:
+    schema = {**tool.input_schema, "properties": {**tool.input_schema["properties"], "container": HANDLE_PROPERTY}}
+    return tool.model_copy(update={"input_schema": schema, "description": (tool.description or "") + HANDLE_SENTENCE})
 
 
 def _code_tool(settings: Settings) -> types.Tool:

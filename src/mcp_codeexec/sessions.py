@@ -8,13 +8,15 @@ names its container up front. Over HTTP a session is the transport's session id.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict
 from pathlib import Path
 
 import anyio
 
 from mcp_codeexec.containers import ContainerManager
 from mcp_codeexec.sandbox import Sandbox
+
+MAX_SESSIONS = 100_000  # remembered session → container pairs (~20 MB at most)
 
 
 class Sessions:
@@ -31,25 +33,41 @@ class Sessions:
         self.manager = manager
         self.tenant = tenant
         self.uploads = uploads or []
-        self._container_of: dict[tuple[str, str], str] = {}
+        # Sessions come and go without telling (HTTP): remember the most recent ones only.
+        self._container_of: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._preset = preset
-        self._locks: defaultdict[tuple[str, str], anyio.Lock] = defaultdict(anyio.Lock)
+        self._locks: dict[tuple[str, str], anyio.Lock] = {}  # only while a first call is under way
 
-    async def sandbox(self, session: str, requested: str | None = None, tenant: str | None = None) -> Sandbox:
+    async def sandbox(self, session: str | None, requested: str | None = None, tenant: str | None = None) -> Sandbox:
+        """The named container, else the session's (made on its first call), else (session
+        None: a stateless call with container handles on) a new one."""
         tenant = tenant or self.tenant
         if requested is not None:
             return await self.manager.open(tenant, requested)
+        if session is None:
+            return await self.manager.new(tenant)
         key = (tenant, session)
-        async with self._locks[key]:  # one first call creates the session's container
-            container_id = self._container_of.get(key) or (self._preset if tenant == self.tenant else None)
-            if container_id is not None:
-                sandbox = await self.manager.open(tenant, container_id)
-            else:
-                sandbox = await self.manager.new(tenant)
-                if tenant == self.tenant:
-                    await self._seed(sandbox)
-            self._container_of[key] = sandbox.info.id
-            return sandbox
+        lock = self._locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:  # one first call creates the session's container
+                container_id = self._container_of.get(key) or (self._preset if tenant == self.tenant else None)
+                if container_id is not None:
+                    sandbox = await self.manager.open(tenant, container_id)
+                else:
+                    sandbox = await self.manager.new(tenant)
+                    if tenant == self.tenant:
+                        await self._seed(sandbox)
+                self._remember(key, sandbox.info.id)
+                return sandbox
+        finally:
+            if not lock.statistics().tasks_waiting and not lock.locked():
+                self._locks.pop(key, None)
+
+    def _remember(self, key: tuple[str, str], container_id: str) -> None:
+        self._container_of[key] = container_id
+        self._container_of.move_to_end(key)
+        while len(self._container_of) > MAX_SESSIONS:
+            self._container_of.popitem(last=False)  # that session's next call gets a new container
 
     async def _seed(self, sandbox: Sandbox) -> None:
         """Copy the files named at start into a new container (copies: the originals on the
