@@ -132,7 +132,7 @@ class App:
 
     async def _image_facts(self) -> ImageFacts:
         """The image's manifest (libraries and tools with versions) for the system prompt: from
-        the image's label, so no sandbox is started for it (image.py)."""
+        the image's label, so no sandbox is started for it (deployment/image.py)."""
         image = self.settings.image
         try:
             manifest = await self.backend.image_manifest(image)  # Docker raises when there is no engine

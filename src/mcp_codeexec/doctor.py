@@ -27,7 +27,7 @@ import docker.errors
 
 from mcp_codeexec.config import Settings, format_size, parse_size
 from mcp_codeexec.deployment import quota as q
-from mcp_codeexec.image import INPUTS_LABEL, ManifestUnavailable, read_manifest
+from mcp_codeexec.deployment.image import INPUTS_LABEL, ManifestUnavailable, read_manifest
 
 SETUP = "scripts/setup.sh (in the mcp-codeexec repository)"
 BUILD = "sandbox/build.sh (in the mcp-codeexec repository)"

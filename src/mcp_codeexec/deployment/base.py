@@ -128,7 +128,7 @@ class Deployment(abc.ABC):
         stdout as the returned stream."""
 
     async def image_manifest(self, image: str) -> dict[str, Any] | None:
-        """What the sandbox image has installed (image.py), for the system prompt; None
+        """What the sandbox image has installed (deployment/image.py), for the system prompt; None
         when the backend has no image. May raise: the prompt then lists no versions."""
         return None
 

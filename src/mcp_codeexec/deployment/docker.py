@@ -43,7 +43,7 @@ from mcp_codeexec.deployment.base import (
     SandboxRecord,
     SandboxSpec,
 )
-from mcp_codeexec.image import read_manifest
+from mcp_codeexec.deployment.image import read_manifest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
