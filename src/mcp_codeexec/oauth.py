@@ -37,7 +37,7 @@ import jwt
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
-from pydantic import AnyHttpUrl
+from pydantic import AnyHttpUrl, ConfigDict, TypeAdapter
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -59,11 +59,14 @@ JWKS_MAX_AGE = 300.0  # refetch the keys at least this often, so a key removed u
 JWKS_REFRESH_COOLDOWN = 5.0  # unknown `kid`s make us refetch at most this often
 INTROSPECTION_CACHE_SECONDS = 60.0
 INTROSPECTION_CACHE_SIZE = 1024
+INTROSPECTIONS_AT_ONCE = 8  # callers with made-up tokens cannot flood the authorization server
 LEEWAY = 10  # seconds of clock skew allowed on exp / nbf / iat
 # Asymmetric only: a shared-secret (HS*) or unsigned ("none") token could be forged by anyone
 # who learns the public key, or by anyone at all.
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
+# URLs as given: an issuer is compared as a string (RFC 8414 §3.3), so no "/" may be added to it.
+_URL: TypeAdapter[AnyHttpUrl] = TypeAdapter(AnyHttpUrl, config=ConfigDict(url_preserve_empty_path=True))
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _HASHED = re.compile(r"--[0-9a-f]{20}$")  # the ending of a name made by tenant_name's hashing
 
@@ -196,6 +199,7 @@ class OAuthVerifier(TokenVerifier):
         self._keys_fetched = float("-inf")
         self._lock = anyio.Lock()
         self._introspected: OrderedDict[str, tuple[float, AccessToken | None]] = OrderedDict()
+        self._introspecting = anyio.CapacityLimiter(INTROSPECTIONS_AT_ONCE)
 
     async def verify_token(self, token: str) -> AccessToken | None:
         if not token or len(token) > MAX_TOKEN_CHARS:
@@ -300,11 +304,12 @@ class OAuthVerifier(TokenVerifier):
         url = self.config.introspection_url or (await self.metadata()).get("introspection_endpoint")
         if not isinstance(url, str):
             raise DiscoveryError("the issuer's metadata has no introspection_endpoint")
-        doc = await _get_json(
-            self.http, url, data={"token": token, "token_type_hint": "access_token"},
-            auth=(self.config.introspection_client, self.config.introspection_secret),
-            headers={"Accept": "application/json"},
-        )
+        async with self._introspecting:
+            doc = await _get_json(
+                self.http, url, data={"token": token, "token_type_hint": "access_token"},
+                auth=(self.config.introspection_client, self.config.introspection_secret),
+                headers={"Accept": "application/json"},
+            )
         access = None
         if isinstance(doc, dict) and doc.get("active") is True:
             access = self._checked_introspection(token, doc)
@@ -389,7 +394,7 @@ class EitherVerifier(TokenVerifier):
 def metadata_routes(config: OAuthConfig) -> list[Route]:
     """RFC 9728 metadata (the SDK's handler) at the path-aware and at the root well-known URL."""
     routes = create_protected_resource_routes(
-        resource_url=AnyHttpUrl(config.resource), authorization_servers=[AnyHttpUrl(config.issuer)],
+        resource_url=_URL.validate_python(config.resource), authorization_servers=[_URL.validate_python(config.issuer)],
         scopes_supported=list(SCOPES), resource_name="mcp-codeexec",
     )
     root = "/.well-known/oauth-protected-resource"
@@ -399,7 +404,7 @@ def metadata_routes(config: OAuthConfig) -> list[Route]:
 
 
 def metadata_url(config: OAuthConfig) -> str:
-    return str(build_resource_metadata_url(AnyHttpUrl(config.resource)))
+    return str(build_resource_metadata_url(_URL.validate_python(config.resource)))
 
 
 class Gate:
@@ -427,15 +432,15 @@ class Gate:
             presented = any(k == b"authorization" and v[:7].lower() == b"bearer " for k, v in scope.get("headers", ()))
             # RFC 6750 §3.1: no error code when the request carried no token at all.
             error = ("invalid_token", "the access token is missing its signature, expired, or not for this server") if presented else None
-            response = self.challenge(401, error, needed)
+            response = self.challenge(path, 401, error, needed)
         elif needed is not None and needed not in user.scopes:
-            response = self.challenge(403, ("insufficient_scope", f"this needs the scope {needed}"), needed)
+            response = self.challenge(path, 403, ("insufficient_scope", f"this needs the scope {needed}"), needed)
         else:
             await self.app(scope, receive, send)
             return
         await response(scope, receive, send)
 
-    def challenge(self, status: int, error: tuple[str, str] | None, needed: str | None) -> JSONResponse:
+    def challenge(self, path: str, status: int, error: tuple[str, str] | None, needed: str | None) -> JSONResponse:
         params = []
         if error is not None:
             params += [f'error="{error[0]}"', f'error_description="{error[1]}"']
@@ -444,6 +449,9 @@ class Gate:
         if self.metadata_url is not None:
             params.append(f'resource_metadata="{self.metadata_url}"')
         header = "Bearer " + ", ".join(params) if params else "Bearer"
-        kind, message = error or ("authentication_required", "a bearer token is required")
-        body = {"error": kind, "error_description": message}
+        kind, message = error or ("invalid_request", "a bearer token is required")
+        body: dict[str, Any] = {"error": kind, "error_description": message}  # RFC 6750, as the SDK answers /mcp
+        if path != "/mcp":  # the rest answers errors the way Anthropic's API does (remote.py)
+            body = {"type": "error", "error": {"type": "authentication_error" if status == 401 else "permission_error",
+                                               "message": message}}
         return JSONResponse(body, status_code=status, headers={"WWW-Authenticate": header})

@@ -5,16 +5,18 @@
 // introspection for a confidential client of the resource server. Login and consent are the
 // library's development interactions: the test submits their forms as a browser would.
 //
-// Environment: ISSUER (http://127.0.0.1:PORT), PORT, KEYS (a file with the private JWKS to sign
-// with, written by the test so it can rotate keys), RESOURCE (the MCP server's resource URL),
-// RS_CLIENT_ID / RS_CLIENT_SECRET (the resource server's introspection credentials).
+// Environment: TOOLS (where scripts/setup.sh installed tests/oidc/package.json), ISSUER
+// (http://127.0.0.1:PORT), PORT, KEYS (a file with the private JWKS to sign with, written by
+// the test so it can rotate keys), RESOURCE (the MCP server's resource URL), RS_CLIENT_ID /
+// RS_CLIENT_SECRET (the resource server's introspection credentials).
 // A client registered with client_name "opaque" gets opaque access tokens instead of JWTs.
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { pathToFileURL } from 'node:url';
 
-import Provider, { errors } from 'oidc-provider';
-
-const { ISSUER, PORT, KEYS, RESOURCE, RS_CLIENT_ID, RS_CLIENT_SECRET } = process.env;
+const { TOOLS, ISSUER, PORT, KEYS, RESOURCE, RS_CLIENT_ID, RS_CLIENT_SECRET } = process.env;
+// Installed outside the clone, where ES module resolution from this file does not look.
+const { default: Provider, errors } = await import(pathToFileURL(`${TOOLS}/node_modules/oidc-provider/lib/index.js`));
 const SCOPES = 'codeexec:execute codeexec:files';
 
 const provider = new Provider(ISSUER, {
