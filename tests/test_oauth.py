@@ -89,8 +89,8 @@ class Provider:
         log = (self.tmp / "provider.log").open("ab")
         self.proc = subprocess.Popen([str(self.tools / "node_modules" / ".bin" / "node"), str(OIDC / "provider.mjs")],
                                      cwd=self.tools, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_http(f"{self.issuer}/.well-known/openid-configuration", self.proc,
-                      lambda: (self.tmp / "provider.log").read_text()[-3000:])
+        assert wait_for_http(f"{self.issuer}/.well-known/openid-configuration", self.proc,
+                             lambda: (self.tmp / "provider.log").read_text()[-3000:]), "the OpenID provider did not answer"
 
     def stop(self) -> None:
         if self.proc is not None:
