@@ -13,7 +13,9 @@
 #  4. builds the sandbox image (sandbox/build.sh; MCP_CODEEXEC_IMAGE_SOURCE=
 #     auto|registry|no-registry picks its mode, default auto);
 #  5. creates .venv and installs the project with its test extra (again only
-#     when pyproject.toml changed).
+#     when pyproject.toml changed);
+#  6. npm-installs the OAuth tests' tools (an OpenID provider, the MCP Inspector,
+#     Node 22) into ~/.cache/mcp-codeexec/oidc-<hash of tests/oidc/package*.json>.
 #
 # Quiet on success apart from a short summary on stdout; details in .cache/.
 # If MCP_CODEEXEC_DOCKERD_STARTED_FILE names a file, the pid of a dockerd that
@@ -361,10 +363,30 @@ PY
     fi
 fi
 
+# ----------------------------------------------- 6. OAuth test tools (npm)
+# tests/test_oauth.py runs a real OpenID provider (oidc-provider) and the MCP Inspector on the
+# Node they need, all pinned in tests/oidc/package.json + package-lock.json. Installed once per
+# version set, outside the clone (the test finds the same directory from the same two files).
+OIDC_KEY="$(cat tests/oidc/package.json tests/oidc/package-lock.json | sha256sum | cut -c1-16)"
+OIDC_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/mcp-codeexec/oidc-$OIDC_KEY"
+if [[ -f "$OIDC_DIR/.installed" && -x "$OIDC_DIR/node_modules/.bin/node" ]]; then
+    summary_oidc="cached ($OIDC_DIR)"
+else
+    say "installing the OAuth test tools into $OIDC_DIR (log: $CACHE/npm.log)"
+    rm -rf "$OIDC_DIR"
+    mkdir -p "$OIDC_DIR"
+    cp tests/oidc/package.json tests/oidc/package-lock.json "$OIDC_DIR/"
+    LOG="$CACHE/npm.log" logged "npm ci (OAuth test tools)" env NO_UPDATE_NOTIFIER=1 \
+        npm ci --prefix "$OIDC_DIR" --no-audit --no-fund --fetch-retries=2
+    touch "$OIDC_DIR/.installed"
+    summary_oidc="installed ($OIDC_DIR)"
+fi
+
 say "packages: $summary_pkgs"
 for n in "${notes[@]}"; do say "$n"; done
 say "daemon.json: $summary_json"
 say "dockerd: $summary_dockerd"
 say "image: $summary_image"
 say "venv: $summary_venv"
+say "OAuth test tools: $summary_oidc"
 say "done in $((SECONDS - START))s"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -157,20 +157,28 @@ def http_server(*args: str, env: dict[str, str] | None = None, log: Path | None 
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(150):
-            try:
-                if httpx2.get(f"{base}/healthz", timeout=15).status_code in (200, 503):
-                    break
-            except httpx2.HTTPError:
-                pass
-            assert proc.poll() is None, "server exited"
-            time.sleep(0.2)
+        wait_for_http(f"{base}/healthz", proc, lambda: "server exited", ok=(200, 503), timeout=15)
         yield base
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         if stderr:
             stderr.close()
+
+
+def wait_for_http(url: str, proc: subprocess.Popen[Any], why: Callable[[], str], ok: tuple[int, ...] = (200,),
+                  timeout: float = 2, tries: int = 150) -> bool:
+    """Whether `url` answered with a status in `ok` within `tries`; fails with why() if `proc`
+    exits first."""
+    for _ in range(tries):
+        try:
+            if httpx2.get(url, timeout=timeout).status_code in ok:
+                return True
+        except httpx2.HTTPError:
+            pass
+        assert proc.poll() is None, why()
+        time.sleep(0.2)
+    return False
 
 
 # One server for most tests: short time limit and small memory so the hostile cases are quick.

@@ -26,7 +26,7 @@ from mcp_codeexec.files import FileStore, default_data_dir, upload_plan
 from mcp_codeexec.metrics import Metrics
 from mcp_codeexec.prompt import ImageFacts
 from mcp_codeexec.sessions import Sessions
-from mcp_codeexec.tenants import Limits, TenantPolicy, Usage, load_tenants
+from mcp_codeexec.tenants import DEFAULTS, Limits, TenantPolicy, Usage, load_tenants, stored_cap
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,17 @@ class App:
     def __init__(self, settings: Settings, backend: Deployment | None = None) -> None:
         self.settings = settings
         self.backend = backend or make_backend(settings)
-        # Tenants by token hash (ConfigError on a bad file: the server does not start).
+        # Tenants by name, with the limits of unlisted ones under DEFAULTS (ConfigError on a
+        # bad file: the server does not start).
         self.policies: dict[str, TenantPolicy] = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else {}
-        by_tenant = {p.name: p for p in self.policies.values()}
         data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
-
-        def stored_cap(tenant: str) -> int:
-            policy = by_tenant.get(tenant)
-            return policy.max_stored_bytes if policy and policy.max_stored_bytes is not None else settings.max_stored_bytes
+        stored = stored_cap(self.policies, settings.max_stored_bytes)
 
         def containers_cap(tenant: str) -> int | None:
-            policy = by_tenant.get(tenant)
+            policy = self.policies.get(tenant) or self.policies.get(DEFAULTS)
             return policy.max_containers if policy else None
 
-        self.files = FileStore(data_dir / "files", settings.file_retention, stored_cap)
+        self.files = FileStore(data_dir / "files", settings.file_retention, stored)
         self.limits = Limits(self.policies)
         self.usage = Usage(data_dir / "usage.json")
         self.metrics = Metrics()

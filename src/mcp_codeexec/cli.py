@@ -81,7 +81,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=d.port, help="http: port (default 8000)")
     ap.add_argument("--tokens", default="", metavar="FILE", help="http: JSON file mapping hashed bearer tokens to tenants")
     ap.add_argument("--max-upload", default="500m", help="http: largest file accepted by POST /v1/files (default 500m)")
-    ap.add_argument("--public-url", default="", help="http: the URL clients reach this server at (behind a proxy)")
+    ap.add_argument("--public-url", default="", help="http: the URL clients reach this server at (behind a proxy); "
+                    "<public-url>/mcp is the OAuth resource URL (default http://<host>:<port>)")
+    ap.add_argument("--oauth-issuer", default="", metavar="URL",
+                    help="http: accept OAuth access tokens from this authorization server (its issuer URL; metadata "
+                    "and keys found by RFC 8414 / OpenID discovery). Works alongside --tokens")
+    ap.add_argument("--oauth-audience", action="append", default=[], metavar="AUD",
+                    help="http: an accepted token audience (repeatable; default: the resource URL <public-url>/mcp)")
+    ap.add_argument("--oauth-tenant-claim", default=d.oauth_tenant_claim, metavar="CLAIM",
+                    help="http: the token claim that names the tenant (default sub; e.g. org, tenant, azp)")
+    ap.add_argument("--oauth-introspection-client", default="", metavar="CLIENT_ID",
+                    help="http: check opaque (non-JWT) tokens by RFC 7662 introspection, as this client of the issuer")
+    ap.add_argument("--oauth-introspection-secret-file", default="", metavar="FILE",
+                    help="http: file holding that client's secret")
+    ap.add_argument("--oauth-introspection-url", default="", metavar="URL",
+                    help="http: the introspection endpoint (default: the issuer metadata's introspection_endpoint)")
     ap.add_argument("--allowed-host", action="append", default=[], help="http: Host header to accept (repeatable)")
     ap.add_argument("--reap-interval", default="60s", help=argparse.SUPPRESS)
     ap.add_argument("--log-level", default="INFO", help="server log level, logs go to stderr (default INFO)")
@@ -138,6 +152,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         tokens_file=args.tokens,
         max_upload_bytes=parse_size(args.max_upload),
         public_url=args.public_url,
+        oauth_issuer=args.oauth_issuer,
+        oauth_audiences=tuple(args.oauth_audience),
+        oauth_tenant_claim=args.oauth_tenant_claim,
+        oauth_introspection_client=args.oauth_introspection_client,
+        oauth_introspection_secret_file=args.oauth_introspection_secret_file,
+        oauth_introspection_url=args.oauth_introspection_url,
         allowed_hosts=tuple(args.allowed_host),
         data_dir=args.data_dir,
         max_file_bytes=parse_size(args.max_file_size),
@@ -186,9 +206,17 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"mcp-codeexec: {exc}") from None
     log.info("mcp-codeexec %s: runtime %s, image %s", __version__, settings.runtime, settings.image)
     if settings.transport == "http":
+        from mcp_codeexec.oauth import config_from
         from mcp_codeexec.remote import serve_http
 
-        if not settings.tokens_file:
+        try:
+            oauth = config_from(settings)
+        except ValueError as exc:
+            raise SystemExit(f"mcp-codeexec: {exc}") from None
+        if oauth is not None:
+            log.info("OAuth: tokens from %s for resource %s, tenant claim %r", oauth.issuer, oauth.resource,
+                     oauth.tenant_claim)
+        elif not settings.tokens_file:
             log.warning("no --tokens file: every HTTP caller is tenant %r, unauthenticated", settings.tenant)
         anyio.run(serve_http, settings)
     else:

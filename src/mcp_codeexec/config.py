@@ -81,7 +81,16 @@ class Settings(BaseModel):
     transport: str = "stdio"  # stdio | http (Streamable HTTP and SSE)
     host: str = "127.0.0.1"
     port: int = 8000
-    public_url: str = ""  # remote: the URL clients use (behind a proxy)
+    public_url: str = ""  # remote: the URL clients use (behind a proxy); its /mcp is the OAuth resource URL
+    # Remote, OAuth 2.1 resource server (oauth.py): the authorization server that issues tokens,
+    # the `aud` values accepted (default: the resource URL), the claim that names the tenant,
+    # and client credentials for RFC 7662 introspection of opaque tokens ("" = JWTs only).
+    oauth_issuer: str = ""
+    oauth_audiences: tuple[str, ...] = ()
+    oauth_tenant_claim: str = "sub"
+    oauth_introspection_client: str = ""
+    oauth_introspection_secret_file: str = ""
+    oauth_introspection_url: str = ""
     allowed_hosts: tuple[str, ...] = ()  # remote: Host headers accepted besides loopback
     max_upload_bytes: int = 500 << 20  # stdio: host paths copied into every new container
     # Past timeout + this, the server stops waiting for the agent and restarts the sandbox.

@@ -1,13 +1,15 @@
 """The remote deployment: Streamable HTTP and SSE, bearer tokens mapped to tenants, a Files
 API, usage, health and metrics, all in one Starlette app.
 
-Routes (all but /healthz and /metrics need `Authorization: Bearer <token>` when a tokens
-file is configured; without one, every caller is the configured tenant):
+Routes (all but /healthz, /metrics and /.well-known/ need `Authorization: Bearer <token>` when
+a tokens file or an OAuth issuer is configured, see oauth.Gate for the scope each needs; without
+either, every caller is the configured tenant):
 - `/mcp` (Streamable HTTP), `/sse` + `/messages/` (SSE): the MCP server;
 - `POST /v1/files` (multipart field `file`), `GET /v1/files`, `GET /v1/files/{id}`,
   `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`: modelled on Anthropic's Files API;
 - `POST /v1/containers/{id}/files` `{"file_id": …, "path"?: …}`: put a file into a container;
-- `GET /v1/usage`: the caller's metering; `GET /healthz`; `GET /metrics` (Prometheus).
+- `GET /v1/usage`: the caller's metering; `GET /healthz`; `GET /metrics` (Prometheus);
+- with OAuth, `/.well-known/oauth-protected-resource[/mcp]`: RFC 9728 metadata.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from typing import Any
 from urllib.parse import quote
 
 import anyio
-from mcp.server.auth.settings import AuthSettings
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend
+from mcp.server.auth.provider import TokenVerifier
 from mcp.server.runner import serve_dual_era_loop
 from mcp.server.sse import SseServerTransport
 from mcp.server.transport_security import TransportSecuritySettings
-from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -34,8 +38,9 @@ from mcp_codeexec.calls import put_file
 from mcp_codeexec.config import Settings
 from mcp_codeexec.errors import BackendUnavailable, CodeExecError, ContainerExpired, FileNotFound
 from mcp_codeexec.files import StoreFull
+from mcp_codeexec.oauth import SCOPES, EitherVerifier, Gate, OAuthVerifier, config_from, metadata_routes, metadata_url
 from mcp_codeexec.server import build_server
-from mcp_codeexec.tenants import HashedTokenVerifier
+from mcp_codeexec.tenants import HashedTokenVerifier, static_tenants
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +56,28 @@ def _file_json(meta: Any) -> dict[str, Any]:
 def build_app(settings: Settings) -> Starlette:
     app = App(settings)
     server = build_server(app)
-    verifier = HashedTokenVerifier(app.policies) if app.policies else None
-    url = settings.public_url or f"http://{settings.host}:{settings.port}"
-    auth = AuthSettings(issuer_url=AnyHttpUrl(url), resource_server_url=None, required_scopes=[]) if verifier else None
+    # Who may call: static tokens (tokens.json), OAuth access tokens (oauth.py), both, or
+    # nobody checks (one tenant). oauth.Gate, in front of every route, enforces it.
+    policies = app.policies
+    oauth = config_from(settings)
+    verifiers: list[TokenVerifier] = [HashedTokenVerifier(policies, SCOPES)] if static_tenants(policies) else []
+    if oauth is not None:
+        verifiers.append(OAuthVerifier(oauth))
+    verifier = EitherVerifier(verifiers) if verifiers else None
     security = _security(settings)
 
     def state() -> App:
         return app
 
-    def tenant_of(request: Request) -> str | None:
-        """The caller's tenant, or None if a token is required and missing or wrong."""
+    def tenant_of(request: Request) -> str:
+        """The caller's tenant (the Gate has let only authenticated callers through)."""
         if verifier is None:
             return settings.tenant
-        user = request.scope.get("user")
-        token = getattr(user, "access_token", None)
-        return token.client_id if token is not None else None
+        return request.scope["user"].access_token.client_id
 
     def authed(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
-            tenant = tenant_of(request)
-            if tenant is None:
-                return _error(401, "authentication_error", "a valid bearer token is required")
-            return await handler(request, tenant)
+            return await handler(request, tenant_of(request))
 
         return endpoint
 
@@ -152,8 +157,6 @@ def build_app(settings: Settings) -> Starlette:
     sse = SseServerTransport("/messages/", security_settings=security)
 
     async def sse_endpoint(request: Request) -> Response:
-        if tenant_of(request) is None:
-            return _error(401, "authentication_error", "a valid bearer token is required")
         async with sse.connect_sse(request.scope, request.receive, request._send) as (read, write):
             await serve_dual_era_loop(
                 server, read, write, lifespan_state=state(), init_options=server.create_initialization_options()
@@ -161,9 +164,6 @@ def build_app(settings: Settings) -> Starlette:
         return Response()
 
     async def sse_messages(scope: Any, receive: Any, send: Any) -> None:
-        if tenant_of(Request(scope)) is None:
-            await _error(401, "authentication_error", "a valid bearer token is required")(scope, receive, send)
-            return
         await sse.handle_post_message(scope, receive, send)
 
     routes = [
@@ -178,15 +178,23 @@ def build_app(settings: Settings) -> Starlette:
         Route("/v1/usage", authed(usage)),
         Route("/sse", sse_endpoint),
         Mount("/messages/", app=sse_messages),
+        *(metadata_routes(oauth) if oauth is not None else []),
     ]
-    return server.streamable_http_app(
+    web = server.streamable_http_app(
         streamable_http_path="/mcp",
         host=settings.host,
         transport_security=security,
-        auth=auth,
-        token_verifier=verifier,
         custom_starlette_routes=routes,  # type: ignore[arg-type]  # Mounts are routes too
     )
+    if verifier is not None:
+        # The SDK's bearer middleware and request context (server.py reads the tenant from
+        # get_access_token()), and our Gate in place of the SDK's RequireAuthMiddleware: it
+        # covers every route, not /mcp alone, and names the scope a 401/403 asks for.
+        # Added innermost first: authentication runs first.
+        web.add_middleware(Gate, metadata_url=metadata_url(oauth) if oauth is not None else None)
+        web.add_middleware(AuthContextMiddleware)
+        web.add_middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier))
+    return web
 
 
 def _in_workspace(path: Any, workdir: str) -> bool:

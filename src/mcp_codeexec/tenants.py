@@ -1,8 +1,10 @@
 """Who is calling, what they may do, and what they used.
 
-- Tokens: each bearer token maps to a tenant. The token file stores only SHA-256 hashes:
+- Tokens: each static bearer token maps to a tenant. The file stores only SHA-256 hashes:
   `{"tenants": {"alice": {"token_sha256": "…", "rate_per_minute": 120, "max_concurrent": 4,
-  "max_containers": 20, "max_stored_bytes": 1073741824}}}`. Limits are optional.
+  "max_containers": 20, "max_stored_bytes": 1073741824}}}`. Limits are optional. An entry
+  without `token_sha256` only sets the limits of a tenant that signs in by OAuth (oauth.py),
+  and `"defaults": {limits}` applies to every tenant the file does not list.
 - Limits: a per-tenant request rate (token bucket) and number of calls in flight; past
   either a call answers `too_many_requests`.
 - Usage: per tenant, code execution requests and execution time per container (billed with
@@ -18,6 +20,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ def hash_token(token: str) -> str:
 @dataclass(frozen=True)
 class TenantPolicy:
     name: str
-    token_sha256: str
+    token_sha256: str | None = None  # None: an OAuth tenant's limits (or the defaults)
     rate_per_minute: float | None = None
     max_concurrent: int | None = None
     max_containers: int | None = None
@@ -45,11 +48,12 @@ class TenantPolicy:
 
 _LIMIT_FIELDS = {"rate_per_minute": (int, float), "max_concurrent": (int,), "max_containers": (int,), "max_stored_bytes": (int,)}
 _TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DEFAULTS = "*"  # the policy (limits only) of tenants the file does not list
 
 
 def load_tenants(path: Path) -> dict[str, TenantPolicy]:
-    """Tenants by token hash. Raises ConfigError saying exactly what is wrong: the server
-    refuses to start on a tokens file it cannot read whole."""
+    """Tenants by name (and the defaults under DEFAULTS). Raises ConfigError saying exactly what
+    is wrong: the server refuses to start on a tokens file it cannot read whole."""
 
     def bad(why: str) -> ConfigError:
         return ConfigError(f"tokens file {path}: {why}")
@@ -61,41 +65,59 @@ def load_tenants(path: Path) -> dict[str, TenantPolicy]:
     except ValueError as exc:
         raise bad(f"not valid JSON ({exc})") from None
     tenants = data.get("tenants") if isinstance(data, dict) else None
-    if not isinstance(tenants, dict):
-        raise bad('expected {"tenants": {"<name>": {"token_sha256": "<hex>", ...}}}')
+    if not isinstance(tenants, dict) or set(data) - {"tenants", "defaults"}:
+        raise bad('expected {"tenants": {"<name>": {"token_sha256": "<hex>", ...}}, "defaults"?: {...}}')
     policies: dict[str, TenantPolicy] = {}
-    for name, entry in tenants.items():
-        if not _TENANT_NAME.fullmatch(name):
+    digests: dict[str, str] = {}
+    for name, entry in [*tenants.items(), *([(DEFAULTS, data["defaults"])] if "defaults" in data else [])]:
+        if name != DEFAULTS and not _TENANT_NAME.fullmatch(name):
             raise bad(f"tenant name {name!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
+        what = "defaults" if name == DEFAULTS else f"tenant {name}"
         if not isinstance(entry, dict):
-            raise bad(f"tenant {name}: expected an object")
-        unknown = set(entry) - {"token_sha256", *_LIMIT_FIELDS}
+            raise bad(f"{what}: expected an object")
+        unknown = set(entry) - {*_LIMIT_FIELDS, *(["token_sha256"] if name != DEFAULTS else [])}
         if unknown:
-            raise bad(f"tenant {name}: unknown keys {sorted(unknown)}")
+            raise bad(f"{what}: unknown keys {sorted(unknown)}")
         digest = entry.get("token_sha256")
-        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise bad(f"tenant {name}: token_sha256 must be a SHA-256 hex digest (64 lowercase hex digits)")
+        if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise bad(f"{what}: token_sha256 must be a SHA-256 hex digest (64 lowercase hex digits)")
         for key, types_ in _LIMIT_FIELDS.items():
             value = entry.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, types_) or value <= 0):
-                raise bad(f"tenant {name}: {key} must be a positive number")
-        if digest in policies:
-            raise bad(f"tenants {policies[digest].name} and {name} have the same token")
-        policies[digest] = TenantPolicy(name=name, **entry)
+                raise bad(f"{what}: {key} must be a positive number")
+        if digest is not None:
+            if digest in digests:
+                raise bad(f"tenants {digests[digest]} and {name} have the same token")
+            digests[digest] = name
+        policies[name] = TenantPolicy(name=name, **entry)
     return policies
 
 
-class HashedTokenVerifier(TokenVerifier):
-    """Bearer token -> tenant; the tenant's name is the access token's client_id."""
+def static_tenants(policies: dict[str, TenantPolicy]) -> frozenset[str]:
+    """The tenants that sign in with a static token (no OAuth token may name them)."""
+    return frozenset(p.name for p in policies.values() if p.token_sha256 is not None)
 
-    def __init__(self, policies: dict[str, TenantPolicy]) -> None:
-        self.policies = policies
+
+def stored_cap(policies: dict[str, TenantPolicy], default: int) -> Callable[[str], int]:
+    """Bytes of files a tenant may keep: its own limit, else the file's defaults, else `default`."""
+    fallback = policies[DEFAULTS].max_stored_bytes if DEFAULTS in policies else None
+    caps = {p.name: p.max_stored_bytes for p in policies.values() if p.max_stored_bytes is not None}
+    return lambda tenant: caps.get(tenant, fallback or default)
+
+
+class HashedTokenVerifier(TokenVerifier):
+    """Static bearer token -> tenant; the tenant's name is the access token's client_id, and a
+    static token carries every scope in `scopes`."""
+
+    def __init__(self, policies: dict[str, TenantPolicy], scopes: tuple[str, ...] = ()) -> None:
+        self.by_digest = {p.token_sha256: p for p in policies.values() if p.token_sha256 is not None}
+        self.scopes = list(scopes)
 
     async def verify_token(self, token: str) -> AccessToken | None:
         digest = hash_token(token)
-        for known, policy in self.policies.items():
+        for known, policy in self.by_digest.items():
             if hmac.compare_digest(known, digest):
-                return AccessToken(token="", client_id=policy.name, scopes=[])
+                return AccessToken(token="", client_id=policy.name, scopes=self.scopes)
         return None
 
 
@@ -113,7 +135,7 @@ class Limits:
 
     def acquire(self, tenant: str) -> str | None:
         """None if the call may run (then call release), else why not."""
-        policy = self.by_tenant.get(tenant)
+        policy = self.by_tenant.get(tenant) or self.by_tenant.get(DEFAULTS)
         if policy is None:
             return None
         now = time.monotonic()
