@@ -75,6 +75,7 @@ class Settings(BaseModel):
     file_retention: float | None = None  # seconds; None keeps files until deleted
     uploads: tuple[str, ...] = ()
     tokens_file: str = ""  # remote: bearer tokens (hashed) -> tenants, limits (tenants.py)
+    tools_config: str = ""  # upstream MCP servers whose tools code in the sandbox may call (upstream.py)
     transport: str = "stdio"  # stdio | http (Streamable HTTP and SSE)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -83,6 +84,11 @@ class Settings(BaseModel):
     max_upload_bytes: int = 500 << 20  # stdio: host paths copied into every new container
     # Past timeout + this, the server stops waiting for the agent and restarts the sandbox.
     backstop_grace: float = 10.0
+
+    @property
+    def tools_enabled(self) -> bool:
+        """Code in the sandbox may call upstream tools: configured, and not the legacy profile."""
+        return bool(self.tools_config) and self.profile != "20250522"
 
     @property
     def rlimit_as(self) -> int:

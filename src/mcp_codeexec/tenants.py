@@ -2,7 +2,9 @@
 
 - Tokens: each bearer token maps to a tenant. The token file stores only SHA-256 hashes:
   `{"tenants": {"alice": {"token_sha256": "…", "rate_per_minute": 120, "max_concurrent": 4,
-  "max_containers": 20, "max_stored_bytes": 1073741824}}}`. Limits are optional.
+  "max_containers": 20, "max_stored_bytes": 1073741824, "upstreams": ["memory"]}}}`. Limits
+  are optional. `upstreams` names the servers of the tools config (upstream.py) whose tools
+  the tenant's code may call; without it, none.
 - Limits: a per-tenant request rate (token bucket) and number of calls in flight; past
   either a call answers `too_many_requests`.
 - Usage: per tenant, code execution requests and execution time per container (billed with
@@ -41,6 +43,7 @@ class TenantPolicy:
     max_concurrent: int | None = None
     max_containers: int | None = None
     max_stored_bytes: int | None = None
+    upstreams: tuple[str, ...] = ()  # servers of the tools config this tenant may call
 
 
 _LIMIT_FIELDS = {"rate_per_minute": (int, float), "max_concurrent": (int,), "max_containers": (int,), "max_stored_bytes": (int,)}
@@ -69,7 +72,7 @@ def load_tenants(path: Path) -> dict[str, TenantPolicy]:
             raise bad(f"tenant name {name!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
         if not isinstance(entry, dict):
             raise bad(f"tenant {name}: expected an object")
-        unknown = set(entry) - {"token_sha256", *_LIMIT_FIELDS}
+        unknown = set(entry) - {"token_sha256", "upstreams", *_LIMIT_FIELDS}
         if unknown:
             raise bad(f"tenant {name}: unknown keys {sorted(unknown)}")
         digest = entry.get("token_sha256")
@@ -79,9 +82,12 @@ def load_tenants(path: Path) -> dict[str, TenantPolicy]:
             value = entry.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, types_) or value <= 0):
                 raise bad(f"tenant {name}: {key} must be a positive number")
+        upstreams = entry.get("upstreams", [])
+        if not isinstance(upstreams, list) or not all(isinstance(u, str) for u in upstreams):
+            raise bad(f"tenant {name}: upstreams must be a list of server names")
         if digest in policies:
             raise bad(f"tenants {policies[digest].name} and {name} have the same token")
-        policies[digest] = TenantPolicy(name=name, **entry)
+        policies[digest] = TenantPolicy(name=name, **{**entry, "upstreams": tuple(upstreams)})
     return policies
 
 
