@@ -38,6 +38,7 @@ from mcp_codeexec.prompt import PROMPT_NAME, PROMPT_URI, ImageFacts, system_prom
 from mcp_codeexec.sandbox import Sandbox
 from mcp_codeexec.sessions import Sessions
 from mcp_codeexec.tenants import Limits, Usage, load_tenants
+from mcp_codeexec.upstream import Gateway, start_gateway
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ class AppState:
     metrics: Metrics
     isolation: str
     facts: ImageFacts
+    tools: Gateway | None = None  # [issue 14 wiring] upstream MCP tools for code in sandboxes
 
 
-def _tools(settings: Settings) -> list[types.Tool]:
+def _tools(settings: Settings, callable_tools: str = "") -> list[types.Tool]:
     listed = [
         types.Tool(
             name=wire.BASH_TOOL,
@@ -73,6 +75,7 @@ def _tools(settings: Settings) -> list[types.Tool]:
                 "Run a bash command in the code execution sandbox (Linux, Python 3, no network). "
                 f"Each call is a fresh bash in {settings.workdir}; files persist between calls, shell state "
                 f"does not. Time limit {settings.timeout:g} s per call. Returns stdout, stderr and return_code."
+                + callable_tools  # [issue 14 wiring]
             ),
             input_schema=wire.BASH_INPUT_SCHEMA,
             output_schema=wire.BASH_OUTPUT_SCHEMA,
@@ -99,7 +102,7 @@ def _tools(settings: Settings) -> list[types.Tool]:
             else f"Time limit {settings.timeout:g} s per cell."
         )
         listed.append(_code_tool(settings, "Cells run in one long-lived Python interpreter per container: variables, "
-                                          f"imports and functions carry over from cell to cell. {limit}"))
+                                          f"imports and functions carry over from cell to cell. {limit}" + callable_tools))
     return listed
 
 
@@ -262,10 +265,11 @@ def build_server(
         elif settings.runtime != "runsc":
             log.warning("runtime %r: sandboxes share the host kernel; use runsc (gVisor) for real isolation", settings.runtime)
         async with anyio.create_task_group() as task_group:
-            containers = ContainerManager(settings, backend, task_group)
+            policies = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else {}
+            gateway = await start_gateway(settings, policies, task_group)  # [issue 14 wiring]
+            containers = ContainerManager(settings, backend, task_group, tools=gateway)
             sessions = Sessions(containers, settings.tenant, settings.container, upload_plan(settings.uploads, settings.workdir))
             data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
-            policies = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else {}
             caps = {p.name: p.max_stored_bytes for p in policies.values() if p.max_stored_bytes is not None}
             files = FileStore(data_dir / "files", settings.file_retention, lambda t: caps.get(t, settings.max_stored_bytes))
             metrics = Metrics()
@@ -279,7 +283,7 @@ def build_server(
                 task_group.start_soon(_prune_files, files, settings.reap_interval)
             state = AppState(
                 settings, backend, containers, sessions, files, Limits(policies), Usage(data_dir / "usage.json"),
-                metrics, isolation, facts,
+                metrics, isolation, facts, gateway,
             )
             shared.append(state)
             try:
@@ -288,10 +292,13 @@ def build_server(
                 shared.clear()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(20):
                     await containers.shutdown()
+                if gateway is not None:
+                    gateway.close()  # [issue 14 wiring]
                 task_group.cancel_scope.cancel()
 
     async def list_tools(ctx: ServerRequestContext[AppState], params: Any) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=_tools(settings))
+        gateway = ctx.lifespan_context.tools  # [issue 14 wiring]
+        return types.ListToolsResult(tools=_tools(settings, gateway.tool_description(_tenant(ctx, settings)) if gateway else ""))
 
     async def call_tool(ctx: ServerRequestContext[AppState], params: types.CallToolRequestParams) -> types.CallToolResult:
         if _TOOLS_BY_PROFILE[settings.profile].get(params.name) is None:
@@ -342,8 +349,9 @@ def build_server(
                     result.content.append(types.ImageContent(data=base64.b64encode(data).decode(), mime_type=file.mime_type))
         return result
 
-    def prompt_text(state: AppState) -> str:
-        return system_prompt(state.settings, state.isolation, state.facts)
+    def prompt_text(state: AppState, tenant: str) -> str:
+        listing = state.tools.describe(tenant) if state.tools else ""  # [issue 14 wiring]
+        return system_prompt(state.settings, state.isolation, state.facts, listing)
 
     async def list_resources(ctx: ServerRequestContext[AppState], params: Any) -> types.ListResourcesResult:
         return types.ListResourcesResult(
@@ -394,9 +402,11 @@ def build_server(
         state = ctx.lifespan_context
         uri = str(params.uri)
         if uri == PROMPT_URI:
-            mime, text = "text/markdown", prompt_text(state)
+            mime, text = "text/markdown", prompt_text(state, _tenant(ctx, settings))
         elif uri == USAGE_URI:
-            mime, text = "application/json", json.dumps(state.usage.report(_tenant(ctx, settings)), indent=2)
+            tenant = _tenant(ctx, settings)
+            report = {**state.usage.report(tenant), **(state.tools.report(tenant) if state.tools else {})}  # [issue 14 wiring]
+            mime, text = "application/json", json.dumps(report, indent=2)
         elif uri == FILES_URI:
             listing = [dataclasses.asdict(f) for f in state.files.list(_tenant(ctx, settings))]
             mime, text = "application/json", json.dumps({"files": listing}, indent=2)
@@ -429,7 +439,7 @@ def build_server(
             raise MCPError(code=types.INVALID_PARAMS, message=f"unknown prompt {params.name!r}")
         return types.GetPromptResult(
             description="System prompt for using the code execution sandbox",
-            messages=[types.PromptMessage(role="user", content=types.TextContent(text=prompt_text(ctx.lifespan_context)))],
+            messages=[types.PromptMessage(role="user", content=types.TextContent(text=prompt_text(ctx.lifespan_context, _tenant(ctx, settings))))],
         )
 
     return Server(
