@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 _SERVER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # A server's name becomes an attribute of the mcp_tools module: it must not hide one.
-_RESERVED = {name for name in dir(mcp_tools) if not name.startswith("__")} | {"mcp_tools"}
+_RESERVED = {name for name in vars(mcp_tools) if not name.startswith("__")} | {"mcp_tools"}
 _MAX_TOOLS = 500  # tools kept per server (a listing past it is cut)
 _MAX_PAGES = 20
 _MAX_MESSAGE = 64 * 1024  # an upstream's error message, as passed on

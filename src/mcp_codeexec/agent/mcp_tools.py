@@ -237,6 +237,25 @@ def _type_name(schema: Any) -> str:
     )
 
 
+def _py_type(schema: Any) -> Any:
+    """The Python type a schema describes, for signatures (str, list[dict], Literal[...])."""
+    import typing
+
+    if not isinstance(schema, dict):
+        return typing.Any
+    kind = schema.get("type")
+    if isinstance(schema.get("enum"), list) and schema["enum"] and all(
+        isinstance(v, (str, int, bool)) for v in schema["enum"]
+    ):
+        return typing.Literal[tuple(schema["enum"])]
+    if isinstance(kind, list) and kind:
+        return typing.Union[tuple(_py_type({**schema, "type": k}) for k in kind)]  # noqa: UP007
+    if kind == "array":
+        return list[_py_type(schema.get("items"))]  # type: ignore[misc]
+    simple = {"string": str, "integer": int, "number": float, "boolean": bool, "object": dict, "null": type(None)}
+    return simple.get(str(kind), typing.Any)
+
+
 def _problems(schema: Any, value: Any, where: str) -> list[str]:
     """What is wrong with `value` against the common part of JSON Schema (type, enum,
     const, required, properties, additionalProperties, items, bounds, pattern). Keywords
@@ -320,8 +339,8 @@ def _make_function(server: str, spec: dict[str, Any]) -> Any:
             continue
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if name in required else inspect.Parameter.KEYWORD_ONLY
         default = inspect.Parameter.empty if name in required else None
-        params.append(inspect.Parameter(name, kind, default=default, annotation=_type_name(props[name])))
-    if extra or schema.get("additionalProperties", True) is not False and not props:
+        params.append(inspect.Parameter(name, kind, default=default, annotation=_py_type(props[name])))
+    if extra:
         params.append(inspect.Parameter("arguments", inspect.Parameter.VAR_KEYWORD))
     signature = inspect.Signature(params)
 
@@ -383,7 +402,7 @@ class Server:
     def __repr__(self) -> str:
         import inspect
 
-        rows = [f"  {a}{inspect.signature(f)}" for a, f in sorted(self._functions.items())]
+        rows = [f"  {a}{inspect.signature(f)}".replace("typing.", "") for a, f in sorted(self._functions.items())]
         return f"<MCP server {self.__name__!r}: {len(rows)} tools>\n" + "\n".join(rows)
 
     def call(self, tool: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -403,7 +422,10 @@ def __getattr__(name: str) -> Server:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(__all__) | set(_load()))
+    try:
+        return sorted(set(globals()) | set(_load()))
+    except ToolError:
+        return sorted(globals())
 
 
 # --- mcp-tool -------------------------------------------------------------------------
