@@ -29,9 +29,10 @@ import re
 import socket
 import struct
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["ToolError", "Image", "call", "servers"]
+__all__ = ["ToolError", "Image", "PendingCall", "call", "servers"]
 
 ENV = "MCP_CODEEXEC_TOOLS"
 _MAX_REPLY = 64 << 20
@@ -188,11 +189,65 @@ def _in_async_code() -> bool:
         return False
 
 
+class PendingCall(Coroutine[Any, Any, Any]):
+    """What a tool function returns in async code (a cell that uses `await`, an async
+    function): a coroutine; `await` it for the result. Used as a value instead, it says
+    so; never awaited, it says so on stderr (the call was not made)."""
+
+    def __init__(self, label: str, request: dict[str, Any]) -> None:
+        self._label = label
+        self._request = request
+        self._coro: Any = None
+
+    def _inner(self) -> Any:
+        if self._coro is None:
+            self._coro = _exchange_async(self._request)
+        return self._coro
+
+    def __await__(self) -> Any:
+        return self._inner().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._inner().send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._inner().throw(*args)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
+
+    def __repr__(self) -> str:
+        return f"<pending tool call {self._label}: write `await` before it for its result>"
+
+    def _not_awaited(self, *args: Any, **kwargs: Any) -> Any:
+        raise ToolError(f"{self._label} was called in async code (a cell that uses await, or an async function), "
+                        f"where tool functions return coroutines: write `await {self._label}` for its result",
+                        "not_awaited")
+
+    __str__ = __len__ = __iter__ = __getitem__ = __contains__ = __bool__ = __int__ = __float__ = _not_awaited
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._not_awaited()
+
+    def __del__(self) -> None:
+        if self._coro is None:
+            try:
+                sys.stderr.write(f"mcp_tools: {self._label} was never awaited, so the call was not made "
+                                 f"(write `await {self._label}`)\n")
+            except Exception:  # noqa: BLE001 - at interpreter exit
+                pass
+
+
 def call(server: str, tool: str, arguments: dict[str, Any] | None = None) -> Any:
     """Call `tool` of `server` by its exact name. Returns the result; in async code (an
-    event loop runs in this thread) returns an awaitable of it."""
+    event loop runs in this thread) a PendingCall: `await` it."""
     request = {"op": "call", "server": server, "tool": tool, "arguments": arguments or {}}
-    return _exchange_async(request) if _in_async_code() else _exchange(request)
+    if _in_async_code():
+        return PendingCall(f"{python_name(server)}.{python_name(tool)}(...)", request)
+    return _exchange(request)
 
 
 # --- the catalog and the generated functions ------------------------------------------

@@ -79,7 +79,9 @@ def client_env(directory: str) -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
     return {
         "PYTHONPATH": directory + (os.pathsep + path if path else ""),
-        "PATH": os.path.join(directory, "bin") + os.pathsep + os.environ.get("PATH", os.defpath),
+        # Last: the image's own /usr/local/bin/mcp-tool wins (this directory is noexec there);
+        # a sandbox without one (the local backend) finds this.
+        "PATH": os.environ.get("PATH", os.defpath) + os.pathsep + os.path.join(directory, "bin"),
     }
 
 
