@@ -14,7 +14,8 @@ Config (JSON, or TOML when the file ends in .toml):
     command = "npx"                   # stdio: command, args, env, cwd
     args = ["-y", "@modelcontextprotocol/server-memory"]
     tools = "*"                       # required: "*" or a list of tool names (the allow-list)
-    per_tenant = true                 # stdio default: each tenant gets its own process
+    per_tenant = true                 # stdio default: each tenant gets its own process, and
+                                      # "{tenant}" in args, env and cwd becomes the tenant's name
     [servers.search]
     url = "http://127.0.0.1:3001/mcp" # Streamable HTTP: url, headers
     headers = { Authorization = "Bearer ..." }
@@ -204,8 +205,9 @@ class Upstream:
     of its own (the SDK's client must be entered and left in one task), re-made on the next
     call after it dies."""
 
-    def __init__(self, spec: ServerSpec, limits: ToolLimits, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(self, spec: ServerSpec, limits: ToolLimits, task_group: anyio.abc.TaskGroup, tenant: str = "") -> None:
         self.spec = spec
+        self.tenant = tenant  # "" for a shared connection
         self.limits = limits
         self.task_group = task_group
         self.client: Client | None = None
@@ -221,7 +223,13 @@ class Upstream:
             http = create_mcp_http_client(headers=dict(s.headers))
             stack.push_async_callback(http.aclose)
             return streamable_http_client(s.url, http_client=http)
-        return stdio_client(StdioServerParameters(command=s.command, args=list(s.args), env=dict(s.env), cwd=s.cwd))
+        def fill(text: str) -> str:  # a tenant's own process may get its own files
+            return text.replace("{tenant}", self.tenant) if s.per_tenant else text
+
+        return stdio_client(StdioServerParameters(
+            command=s.command, args=[fill(a) for a in s.args], env={k: fill(v) for k, v in s.env},
+            cwd=fill(s.cwd) if s.cwd else None,
+        ))
 
     async def connect(self) -> Client:
         if self.client is not None:
@@ -402,7 +410,7 @@ class Gateway:
         spec = self.config.servers[server]
         key = (server, tenant if spec.per_tenant else "")
         if key not in self._instances:
-            self._instances[key] = Upstream(spec, self.limits, self.task_group)
+            self._instances[key] = Upstream(spec, self.limits, self.task_group, key[1])
         return self._instances[key]
 
     def _listed(self, server: str) -> dict[str, types.Tool]:
