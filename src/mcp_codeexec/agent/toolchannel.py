@@ -28,12 +28,14 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import socket
 import stat
 import struct
 from typing import Any
 
 from mcp_codeexec.agent import protocol as p
+from mcp_codeexec.agent.process import privileged
 
 ENV = "MCP_CODEEXEC_TOOLS"
 # A request frame: the server bounds arguments far lower (its limits); this only keeps one
@@ -43,6 +45,7 @@ _READ_TIMEOUT = 30.0  # a caller must send its whole request within this long
 _MAX_OPEN = 16  # calls in flight per door; past it a call is answered "limit" at once
 _HEADER = struct.Struct(">I")
 _MAX_NAME = 256
+_DIR_PREFIX = ".mcp-codeexec-tools-"
 
 
 def install_client(source: str) -> str:
@@ -50,8 +53,13 @@ def install_client(source: str) -> str:
     directory readable by the sandbox user; its path. A new random directory each time,
     made by mkdir (fails if it exists), so nothing the user made beforehand is used."""
     base = "/tmp" if os.path.isdir("/tmp") else os.environ.get("HOME", "/")
+    if privileged():  # the sandbox's own /tmp: drop what an earlier load of the agent left
+        for name in os.listdir(base):
+            path = os.path.join(base, name)
+            if name.startswith(_DIR_PREFIX) and os.stat(path, follow_symlinks=False).st_uid == os.geteuid():
+                shutil.rmtree(path, ignore_errors=True)
     for _ in range(10):
-        directory = os.path.join(base, f".mcp-codeexec-tools-{secrets.token_hex(8)}")
+        directory = os.path.join(base, f"{_DIR_PREFIX}{secrets.token_hex(8)}")
         try:
             os.mkdir(directory, 0o755)
             break
@@ -75,13 +83,17 @@ def install_client(source: str) -> str:
 
 
 def client_env(directory: str) -> dict[str, str]:
-    """What the agent adds to its own environment, so every command finds the client."""
-    path = os.environ.get("PYTHONPATH", "")
+    """What the agent adds to its own environment, so every command finds the client
+    (entries of an earlier load, kept in the environment across a reload, replaced)."""
+
+    def kept(variable: str, default: str = "") -> list[str]:
+        return [e for e in os.environ.get(variable, default).split(os.pathsep) if e and _DIR_PREFIX not in e]
+
     return {
-        "PYTHONPATH": directory + (os.pathsep + path if path else ""),
+        "PYTHONPATH": os.pathsep.join([directory, *kept("PYTHONPATH")]),
         # Last: the image's own /usr/local/bin/mcp-tool wins (this directory is noexec there);
         # a sandbox without one (the local backend) finds this.
-        "PATH": os.environ.get("PATH", os.defpath) + os.pathsep + os.path.join(directory, "bin"),
+        "PATH": os.pathsep.join([*kept("PATH", os.defpath), os.path.join(directory, "bin")]),
     }
 
 
@@ -117,9 +129,13 @@ class Tools:
         self._next = 0
         self._pending: dict[int, asyncio.Future[p.ToolReply]] = {}
 
-    def door(self, call: Any = None) -> Door:
-        """A door for a command (`call`: the request it serves, or None until attached)."""
-        return Door(self, call)
+    def door(self, call: Any = None) -> Door | None:
+        """A door for a command (`call`: the request it serves, or None until attached);
+        None if no socket can be made (out of fds): the command runs, its calls say so."""
+        try:
+            return Door(self, call)
+        except OSError:
+            return None
 
     def resolve(self, reply: p.ToolReply) -> None:
         future = self._pending.pop(reply.call, None)
