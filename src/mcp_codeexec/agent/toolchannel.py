@@ -52,7 +52,9 @@ def install_client(source: str) -> str:
     """Write the user-side module (mcp_tools) and the `mcp-tool` command into a fresh
     directory readable by the sandbox user; its path. A new random directory each time,
     made by mkdir (fails if it exists), so nothing the user made beforehand is used."""
-    base = "/tmp" if os.path.isdir("/tmp") else os.environ.get("HOME", "/")
+    # In a sandbox, its own /tmp (root may not write to the user's $HOME); an agent that is
+    # not root (the local backend) uses its sandbox's own $HOME, removed with the sandbox.
+    base = "/tmp" if privileged() or not os.environ.get("HOME") else os.environ["HOME"]
     if privileged():  # the sandbox's own /tmp: drop what an earlier load of the agent left
         for name in os.listdir(base):
             path = os.path.join(base, name)
