@@ -16,6 +16,8 @@
 #     when pyproject.toml changed);
 #  6. npm-installs the OAuth tests' tools (an OpenID provider, the MCP Inspector,
 #     Node 22) into ~/.cache/mcp-codeexec/oidc-<hash of tests/oidc/package*.json>.
+#  7. installs the real upstream MCP servers the tool calling tests call
+#     (tests/upstreams/pins.txt), cached under ~/.cache/mcp-codeexec/upstreams.
 #
 # Quiet on success apart from a short summary on stdout; details in .cache/.
 # If MCP_CODEEXEC_DOCKERD_STARTED_FILE names a file, the pid of a dockerd that
@@ -382,6 +384,39 @@ else
     summary_oidc="installed ($OIDC_DIR)"
 fi
 
+# ------------------------------------------- 7. upstream MCP servers for tests
+# Real MCP servers that the programmatic tool calling tests call (tests/upstreams/pins.txt):
+# npm packages under a prefix and PyPI ones in a venv of their own (their own mcp version),
+# cached outside the clone by a hash of the pins, Node's and Python's versions. The tests
+# find them through .cache/upstreams.
+PINS="$ROOT/tests/upstreams/pins.txt"
+if [[ -f "$PINS" ]]; then
+    key="$( (cat "$PINS"; node --version 2>/dev/null; python3 --version) | sha256sum | cut -c1-16)"
+    UPSTREAMS="${XDG_CACHE_HOME:-$HOME/.cache}/mcp-codeexec/upstreams/$key"
+    if [[ -f "$UPSTREAMS/.done" ]]; then
+        summary_upstreams="cached: $UPSTREAMS"
+    else
+        say "installing the tests' upstream MCP servers into $UPSTREAMS (log: $LOG)"
+        rm -rf "$UPSTREAMS"
+        mkdir -p "$UPSTREAMS"
+        mapfile -t npm_pkgs < <(awk '$1 == "npm" { print $2 }' "$PINS")
+        mapfile -t pypi_pkgs < <(awk '$1 == "pypi" { print $2 }' "$PINS")
+        if ((${#npm_pkgs[@]})); then
+            logged "npm install (upstreams)" env NO_UPDATE_NOTIFIER=1 npm install --prefix "$UPSTREAMS/npm" \
+                --no-audit --no-fund --fetch-retries=2 "${npm_pkgs[@]}"
+        fi
+        if ((${#pypi_pkgs[@]})); then
+            logged "venv (upstreams)" python3 -m venv "$UPSTREAMS/venv"
+            logged "pip install (upstreams)" "$UPSTREAMS/venv/bin/python" -m pip install -q "${pypi_pkgs[@]}"
+        fi
+        touch "$UPSTREAMS/.done"
+        summary_upstreams="installed: $UPSTREAMS"
+    fi
+    echo "$UPSTREAMS" >"$CACHE/upstreams"
+else
+    summary_upstreams="none pinned"
+fi
+
 say "packages: $summary_pkgs"
 for n in "${notes[@]}"; do say "$n"; done
 say "daemon.json: $summary_json"
@@ -389,4 +424,5 @@ say "dockerd: $summary_dockerd"
 say "image: $summary_image"
 say "venv: $summary_venv"
 say "OAuth test tools: $summary_oidc"
+say "upstream MCP servers: $summary_upstreams"
 say "done in $((SECONDS - START))s"

@@ -27,6 +27,7 @@ from mcp_codeexec.metrics import Metrics
 from mcp_codeexec.prompt import ImageFacts
 from mcp_codeexec.sessions import Sessions
 from mcp_codeexec.tenants import DEFAULTS, Limits, TenantPolicy, Usage, load_tenants, stored_cap
+from mcp_codeexec.upstream import Gateway, start_gateway
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class App:
         self.isolation = f"{settings.runtime} (not checked yet)"
         self.facts = ImageFacts()
         self._containers_cap = containers_cap
+        self.tools: Gateway | None = None  # upstream MCP tools for code in sandboxes (upstream.py)
         self._containers: ContainerManager | None = None
         self._sessions: Sessions | None = None
         self._entered = 0  # run() entries: the first starts everything, nested ones share it
@@ -85,6 +87,7 @@ class App:
         try:
             await self._check_backend()
             async with anyio.create_task_group() as task_group:
+                self.tools = await start_gateway(self.settings, self.policies, task_group)
                 containers = self._start(task_group)
                 self._ready.set()
                 try:
@@ -92,13 +95,15 @@ class App:
                 finally:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(20):
                         await containers.shutdown()
+                    if self.tools is not None:
+                        self.tools.close()
                     task_group.cancel_scope.cancel()
         finally:
             self._entered = 0
 
     def _start(self, task_group: anyio.abc.TaskGroup) -> ContainerManager:
         settings = self.settings
-        containers = ContainerManager(settings, self.backend, task_group, self._containers_cap)
+        containers = ContainerManager(settings, self.backend, task_group, self._containers_cap, self.tools)
         self._containers = containers
         self._sessions = Sessions(containers, settings.tenant, settings.container, upload_plan(settings.uploads, settings.workdir))
         self.metrics.gauges["running_containers"] = lambda: containers.running_count

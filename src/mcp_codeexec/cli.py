@@ -80,6 +80,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default=d.host, help="http: address to bind (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=d.port, help="http: port (default 8000)")
     ap.add_argument("--tokens", default="", metavar="FILE", help="http: JSON file mapping hashed bearer tokens to tenants")
+    ap.add_argument("--tools-config", default="", metavar="FILE",
+                    help="upstream MCP servers whose tools code in the sandbox may call, as Python functions "
+                    "(`from mcp_tools import <server>`) and with `mcp-tool` (JSON, or TOML if FILE ends in .toml; "
+                    "see the README). Not in the legacy profile 20250522")
     ap.add_argument("--max-upload", default="500m", help="http: largest file accepted by POST /v1/files (default 500m)")
     ap.add_argument("--public-url", default="", help="http: the URL clients reach this server at (behind a proxy); "
                     "<public-url>/mcp is the OAuth resource URL (default http://<host>:<port>)")
@@ -150,6 +154,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=args.port,
         tokens_file=args.tokens,
+        tools_config=args.tools_config,
         max_upload_bytes=parse_size(args.max_upload),
         public_url=args.public_url,
         oauth_issuer=args.oauth_issuer,
@@ -196,12 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from(args)
-    if settings.tokens_file:
+    if settings.tokens_file or settings.tools_config:
         from mcp_codeexec.errors import ConfigError
         from mcp_codeexec.tenants import load_tenants
+        from mcp_codeexec.upstream import check_tools_config
 
         try:
-            load_tenants(Path(settings.tokens_file))
+            policies = load_tenants(Path(settings.tokens_file)) if settings.tokens_file else None
+            if settings.tools_config:
+                check_tools_config(Path(settings.tools_config), policies)
         except ConfigError as exc:
             raise SystemExit(f"mcp-codeexec: {exc}") from None
     log.info("mcp-codeexec %s: runtime %s, image %s", __version__, settings.runtime, settings.image)

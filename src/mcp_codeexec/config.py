@@ -78,6 +78,7 @@ class Settings(BaseModel):
     file_retention: float | None = None  # seconds; None keeps files until deleted
     uploads: tuple[str, ...] = ()
     tokens_file: str = ""  # remote: bearer tokens (hashed) -> tenants, limits (tenants.py)
+    tools_config: str = ""  # upstream MCP servers whose tools code in the sandbox may call (upstream.py)
     transport: str = "stdio"  # stdio | http (Streamable HTTP and SSE)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -99,6 +100,11 @@ class Settings(BaseModel):
     @property
     def tool_profile(self) -> Profile:
         return PROFILES[self.profile]
+
+    @property
+    def tools_enabled(self) -> bool:
+        """Code in the sandbox may call upstream tools: configured, and not the legacy profile."""
+        return bool(self.tools_config) and not self.tool_profile.legacy
 
     @property
     def rlimit_as(self) -> int:

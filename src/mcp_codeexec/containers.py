@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -30,6 +30,9 @@ from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import Deployment, SandboxRecord
 from mcp_codeexec.errors import BackendUnavailable, ContainerExpired, NameTaken, SandboxGone, TooManyRequests
 from mcp_codeexec.sandbox import LABEL, ContainerInfo, Sandbox, iso, sandbox_spec
+
+if TYPE_CHECKING:
+    from mcp_codeexec.upstream import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,11 @@ class ContainerManager:
         deployment: Deployment,
         task_group: anyio.abc.TaskGroup,
         containers_cap: Callable[[str], int | None] = lambda tenant: None,
+        tools: Gateway | None = None,
     ) -> None:
         self.settings = settings
         self.containers_cap = containers_cap  # containers a tenant may have (None: no cap)
+        self.tools = tools  # upstream MCP tools for code in the sandboxes (upstream.py)
         self.deployment = deployment
         self.task_group = task_group
         self._open: dict[str, Sandbox] = {}  # by container name
@@ -132,7 +137,8 @@ class ContainerManager:
         await self.deployment.create(sandbox_spec(self.settings, name, f"mcp-codeexec-ws.{info.id}", info, extra_labels))
 
     def _adopt(self, name: str, info: ContainerInfo) -> Sandbox:
-        sandbox = Sandbox(self.settings, self.deployment, self.task_group, name, info, before_start=self._make_room)
+        sandbox = Sandbox(self.settings, self.deployment, self.task_group, name, info, before_start=self._make_room,
+                          tools=self.tools)
         self._open[name] = sandbox
         return sandbox
 

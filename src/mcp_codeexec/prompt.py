@@ -71,10 +71,34 @@ def _upstream(debian_version: str) -> str:
     return v.split("+", 1)[0].split("~", 1)[0]
 
 
-def system_prompt(settings: Settings, isolation: str, facts: ImageFacts) -> str:
+def tools_section(settings: Settings, listing: str) -> str:
+    """Programmatic tool calling: the upstream tools code here may call (`listing`, one
+    line per server, from upstream.Gateway.describe), and how."""
+    if not listing:
+        return ""
+    cells = (f" and in `{CODE_TOOL}` cells" if settings.profile in ("20260120", "20260521") else "")
+    return f"""
+## Tools your code can call
+Code in this sandbox (Python scripts run with `{BASH_TOOL}`{cells}) can call these MCP tools as
+functions. Their results stay in the sandbox: only what your code prints comes back to you. So
+loop over calls, filter, join and aggregate in code, and print only what you need.
+{listing}
+- Python: `from mcp_tools import <server>`, then `<server>.<tool>(...)` returns the result (in
+  async code, such as a cell that uses `await`, write `await <server>.<tool>(...)`). Results are
+  Python objects: the tool's structured content, else its text (a str). `help(<server>.<tool>)`
+  shows a tool's parameters. Any failure raises `mcp_tools.ToolError` with the reason.
+- bash: `mcp-tool <server> <tool> '<json arguments>'` prints the result (JSON unless it is text),
+  for pipelines; `mcp-tool --list` lists every tool with its signature.
+- Calls work only while the command or cell that makes them runs; each call is limited in time,
+  size and number per command.
+"""
+
+
+def system_prompt(settings: Settings, isolation: str, facts: ImageFacts, tools: str = "") -> str:
+    """`tools`: the upstream tools this caller's code may call (upstream.Gateway.describe)."""
     s = settings
     packages = ", ".join(f"{name} {version}" for name, version in sorted(facts.packages.items())) or "see the image manifest"
-    tools = ", ".join(f"{name} {version}" for name, version in sorted(facts.tools.items()))
+    commands = ", ".join(f"{name} {version}" for name, version in sorted(facts.tools.items()))
     return f"""\
 # Code execution sandbox
 
@@ -114,4 +138,4 @@ def system_prompt(settings: Settings, isolation: str, facts: ImageFacts) -> str:
 - No network: no internet, no package installs from the network (pip/apt will fail).
 - Runs as an unprivileged user under {isolation}.
 - Installed: {packages}.
-""" + (f"- Tools: {tools}.\n" if tools else "")
+""" + (f"- Tools: {commands}.\n" if commands else "") + tools_section(s, tools)

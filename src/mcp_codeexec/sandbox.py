@@ -15,14 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.bootstrap import loader_argv
-from mcp_codeexec.agent.client import AgentClient, AgentDied, connect_agent
+from mcp_codeexec.agent.client import AgentClient, AgentDied, CommandTools, connect_agent
 from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import Deployment, SandboxSpec
 from mcp_codeexec.errors import (
@@ -34,6 +34,9 @@ from mcp_codeexec.errors import (
     SandboxDied,
     SandboxGone,
 )
+
+if TYPE_CHECKING:
+    from mcp_codeexec.upstream import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,7 @@ class Sandbox:
         name: str,
         info: ContainerInfo,
         before_start: Callable[[Sandbox], Awaitable[None]] | None = None,
+        tools: Gateway | None = None,
     ) -> None:
         self.settings = settings
         self.deployment = deployment
@@ -122,6 +126,7 @@ class Sandbox:
         self.name = name
         self.info = info
         self.before_start = before_start
+        self.tools = tools  # upstream MCP tools for code in this sandbox (upstream.py)
         self.in_flight = 0
         self.last_used = time.monotonic()
         self._agent: AgentClient | None = None
@@ -160,9 +165,17 @@ class Sandbox:
             return self._agent
 
     async def _connect(self) -> AgentClient:
+        config = {"root": self.settings.workdir, "rlimit_as": self.settings.rlimit_as}
+        if self.tools is not None:
+            config["tools"] = True  # (only then: the agent's code hash stays as it was without tools)
         return await connect_agent(
-            self.deployment, self.name, self.task_group, {"root": self.settings.workdir, "rlimit_as": self.settings.rlimit_as}
+            self.deployment, self.name, self.task_group, config, self._tool_call if self.tools is not None else None
         )
+
+    async def _tool_call(self, request: p.ToolRequest, command: CommandTools) -> p.ToolReply:
+        assert self.tools is not None
+        # The tenant comes from the container's name, never from anything the sandbox says.
+        return await self.tools.call(self.tenant, self.info.id, request, command)
 
     async def request(self, request: p.Request, limit: float, on_output: Callable[[p.Output], None] | None = None) -> Any:
         """One request to the agent, with death detection and an outside time backstop."""

@@ -34,9 +34,10 @@ _LISTED_FILES = 50  # newest files listed as resources; every one is readable by
 
 # --- tools ------------------------------------------------------------------------------
 
-def tool_list(settings: Settings) -> list[types.Tool]:
+def tool_list(settings: Settings, callable_tools: str = "") -> list[types.Tool]:
     """The tools the profile offers, with the API's schemas and descriptions of this
-    deployment's own facts (working directory, time limits)."""
+    deployment's own facts (working directory, time limits, the upstream tools code may
+    call: `callable_tools`)."""
     profile = settings.tool_profile
     made = {
         wire.BASH_TOOL: lambda: types.Tool(
@@ -45,6 +46,7 @@ def tool_list(settings: Settings) -> list[types.Tool]:
                 "Run a bash command in the code execution sandbox (Linux, Python 3, no network). "
                 f"Each call is a fresh bash in {settings.workdir}; files persist between calls, shell state "
                 f"does not. Time limit {settings.timeout:g} s per call. Returns stdout, stderr and return_code."
+                + callable_tools
             ),
             input_schema=wire.BASH_INPUT_SCHEMA,
             output_schema=wire.BASH_OUTPUT_SCHEMA,
@@ -60,7 +62,7 @@ def tool_list(settings: Settings) -> list[types.Tool]:
             input_schema=wire.EDITOR_INPUT_SCHEMA,
             output_schema=wire.EDITOR_OUTPUT_SCHEMA,
         ),
-        wire.CODE_TOOL: lambda: _code_tool(settings),
+        wire.CODE_TOOL: lambda: _code_tool(settings, callable_tools),
     }
     listed = [made[name]() for name in profile.tools]
     return [_with_handle(tool) for tool in listed] if settings.container_handles else listed
@@ -83,7 +85,7 @@ def _with_handle(tool: types.Tool) -> types.Tool:
     return tool.model_copy(update={"input_schema": schema, "description": (tool.description or "") + HANDLE_SENTENCE})
 
 
-def _code_tool(settings: Settings) -> types.Tool:
+def _code_tool(settings: Settings, callable_tools: str) -> types.Tool:
     profile = settings.tool_profile
     if not profile.repl:
         semantics = "Each call runs in a fresh Python interpreter: nothing carries over but files."
@@ -95,7 +97,7 @@ def _code_tool(settings: Settings) -> types.Tool:
             else f"Time limit {settings.timeout:g} s per cell."
         )
         semantics = ("Cells run in one long-lived Python interpreter per container: variables, "
-                     f"imports and functions carry over from cell to cell. {limit}")
+                     f"imports and functions carry over from cell to cell. {limit}" + callable_tools)
     return types.Tool(
         name=wire.CODE_TOOL,
         description=(
@@ -108,7 +110,9 @@ def _code_tool(settings: Settings) -> types.Tool:
 
 
 async def list_tools(ctx: Context, params: Any) -> types.ListToolsResult:
-    return types.ListToolsResult(tools=tool_list(ctx.lifespan_context.settings))
+    app = ctx.lifespan_context
+    callable_tools = app.tools.tool_description(tenant_of(app)) if app.tools else ""
+    return types.ListToolsResult(tools=tool_list(app.settings, callable_tools))
 
 
 async def handle_call_tool(ctx: Context, params: types.CallToolRequestParams) -> types.CallToolResult:
@@ -121,7 +125,8 @@ async def handle_call_tool(ctx: Context, params: types.CallToolRequestParams) ->
 # --- resources and prompts --------------------------------------------------------------
 
 def _prompt_text(app: App) -> str:
-    return system_prompt(app.settings, app.isolation, app.facts)
+    listing = app.tools.describe(tenant_of(app)) if app.tools else ""
+    return system_prompt(app.settings, app.isolation, app.facts, listing)
 
 
 async def list_resources(ctx: Context, params: Any) -> types.ListResourcesResult:
@@ -179,7 +184,8 @@ async def read_resource(ctx: Context, params: types.ReadResourceRequestParams) -
     if uri == PROMPT_URI:
         mime, text = "text/markdown", _prompt_text(app)
     elif uri == USAGE_URI:
-        mime, text = "application/json", json.dumps(app.usage.report(tenant), indent=2)
+        report = {**app.usage.report(tenant), **(app.tools.report(tenant) if app.tools else {})}
+        mime, text = "application/json", json.dumps(report, indent=2)
     elif uri == FILES_URI:
         listing = [dataclasses.asdict(f) for f in app.files.list(tenant)]
         mime, text = "application/json", json.dumps({"files": listing}, indent=2)

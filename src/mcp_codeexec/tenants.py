@@ -2,9 +2,11 @@
 
 - Tokens: each static bearer token maps to a tenant. The file stores only SHA-256 hashes:
   `{"tenants": {"alice": {"token_sha256": "…", "rate_per_minute": 120, "max_concurrent": 4,
-  "max_containers": 20, "max_stored_bytes": 1073741824}}}`. Limits are optional. An entry
-  without `token_sha256` only sets the limits of a tenant that signs in by OAuth (oauth.py),
-  and `"defaults": {limits}` applies to every tenant the file does not list.
+  "max_containers": 20, "max_stored_bytes": 1073741824, "upstreams": ["memory"]}}}`. Limits are
+  optional. An entry without `token_sha256` only sets the limits of a tenant that signs in by
+  OAuth (oauth.py), and `"defaults": {limits}` applies to every tenant the file does not list.
+  `upstreams` names the servers of the tools config (upstream.py) whose tools the tenant's
+  code may call; without it, none.
 - Limits: a per-tenant request rate (token bucket) and number of calls in flight; past
   either a call answers `too_many_requests`.
 - Usage: per tenant, code execution requests and execution time per container (billed with
@@ -44,6 +46,7 @@ class TenantPolicy:
     max_concurrent: int | None = None
     max_containers: int | None = None
     max_stored_bytes: int | None = None
+    upstreams: tuple[str, ...] = ()  # servers of the tools config this tenant may call
 
 
 _LIMIT_FIELDS = {"rate_per_minute": (int, float), "max_concurrent": (int,), "max_containers": (int,), "max_stored_bytes": (int,)}
@@ -75,7 +78,7 @@ def load_tenants(path: Path) -> dict[str, TenantPolicy]:
         what = "defaults" if name == DEFAULTS else f"tenant {name}"
         if not isinstance(entry, dict):
             raise bad(f"{what}: expected an object")
-        unknown = set(entry) - {*_LIMIT_FIELDS, *(["token_sha256"] if name != DEFAULTS else [])}
+        unknown = set(entry) - {*_LIMIT_FIELDS, "upstreams", *(["token_sha256"] if name != DEFAULTS else [])}
         if unknown:
             raise bad(f"{what}: unknown keys {sorted(unknown)}")
         digest = entry.get("token_sha256")
@@ -85,11 +88,14 @@ def load_tenants(path: Path) -> dict[str, TenantPolicy]:
             value = entry.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, types_) or value <= 0):
                 raise bad(f"{what}: {key} must be a positive number")
+        upstreams = entry.get("upstreams", [])
+        if not isinstance(upstreams, list) or not all(isinstance(u, str) for u in upstreams):
+            raise bad(f"{what}: upstreams must be a list of server names")
         if digest is not None:
             if digest in digests:
                 raise bad(f"tenants {digests[digest]} and {name} have the same token")
             digests[digest] = name
-        policies[name] = TenantPolicy(name=name, **entry)
+        policies[name] = TenantPolicy(name=name, **{**entry, "upstreams": tuple(upstreams)})
     return policies
 
 

@@ -216,6 +216,7 @@ async def bash(
         timeout=settings.timeout,
         max_output=settings.max_output_bytes,
         stream=on_output is not None,
+        tools=settings.tools_enabled,
     )
     kind = (wire.BashResult, wire.BashOutput, wire.BashError)
     return await _command(settings, get_sandbox, request, settings.timeout, kind, on_output, store)
@@ -245,6 +246,7 @@ async def python(
         timeout_is_result=profile.cell_limit,
         stream=on_output is not None,
         cwd=settings.workdir,
+        tools=settings.tools_enabled,
     )
     kind = (wire.CodeResult, wire.CodeOutput, wire.CodeError)
     outcome = await _command(settings, get_sandbox, request, limit, kind, on_output, store)

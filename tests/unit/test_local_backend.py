@@ -10,6 +10,7 @@ here says anything about isolation, limits the kernel enforces, or the Docker ba
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -176,3 +177,19 @@ def test_local_path_never_imports_docker() -> None:
         "assert 'docker' not in sys.modules, 'docker imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_code_calls_upstream_tools(base: str, tmp_path: Path) -> None:
+    """Programmatic tool calling on the local backend: the agent (not root here) ships
+    mcp_tools and mcp-tool into its sandbox's own $HOME, nothing into the host's /tmp."""
+    from .test_tool_calls import memory_server
+
+    config = tmp_path / "tools.json"
+    config.write_text(json.dumps({"servers": {"memory": memory_server(tmp_path)}}))
+    before = {n for n in os.listdir("/tmp") if n.startswith(".mcp-codeexec-tools-")}
+    async with local(base, "--tools-config", str(config), "--profile", "20260120") as session:
+        cli = await session.bash("mcp-tool memory read_graph '{}'")
+        assert json.loads(cli["stdout"]) == {"entities": [], "relations": []}, cli
+        cell = await session.python("from mcp_tools import memory\nprint(await memory.read_graph())")
+        assert cell["stdout"] == "{'entities': [], 'relations': []}\n", cell
+    assert {n for n in os.listdir("/tmp") if n.startswith(".mcp-codeexec-tools-")} == before

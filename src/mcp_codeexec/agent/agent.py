@@ -34,6 +34,8 @@ from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.editor import Editor, EditorError
 from mcp_codeexec.agent.process import CappedBuffer, as_sandbox_user, kill_tree, kill_user_processes, privileged, spawn
 from mcp_codeexec.agent.repl import Repl
+from mcp_codeexec.agent.toolchannel import ENV as TOOLS_ENV
+from mcp_codeexec.agent.toolchannel import Tools, client_env, install_client
 from mcp_codeexec.agent.watch import RECENT_SCAN_LIMIT, Watcher, recent_files
 
 # After the shell exits, how long to keep reading pipes that background children still
@@ -113,6 +115,10 @@ class Connection:
         if isinstance(request, p.Reload):
             self.agent.reload()
             return
+        if isinstance(request, p.ToolReply):
+            if self.agent.tools is not None:
+                self.agent.tools.resolve(request)
+            return  # the answer to a tool call this agent forwarded: no reply of its own
         task = asyncio.create_task(self.agent.handle(Call(self, request_id), request))
         self.tasks[request_id] = task
         task.add_done_callback(functools.partial(self._forget, request_id))
@@ -132,6 +138,7 @@ class Agent:
         self.events: list[str] = []  # files written, in order; events_base counts dropped ones
         self.events_base = 0
         self.overflows = 0  # how often the watcher lost events
+        self.tools: Tools | None = None  # programmatic tool calling, when the server offers it
         try:
             self.watcher: Watcher | None = Watcher(self.editor.root)
         except OSError:
@@ -333,6 +340,9 @@ class Agent:
             os.write(script_fd, request.command.encode("utf-8", "surrogateescape"))
             argv = ["bash", "-c", f". /proc/self/fd/{script_fd}"]
         notice = ""
+        # The command's tool channel (toolchannel.py), closed when the command ends.
+        door = self.tools.door(call) if request.tools and self.tools is not None else None
+        env = {**os.environ, **request.env, **({TOOLS_ENV: door.name} if door else {})}
         try:
             for attempt in (1, 2):
                 try:
@@ -343,7 +353,7 @@ class Agent:
                         stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE,
                         cwd=request.cwd,
-                        env={**os.environ, **request.env},
+                        env=env,
                     )
                     break
                 except BlockingIOError:
@@ -358,6 +368,8 @@ class Agent:
                         "commands was killed to run this one\n"
                     )
         except OSError as exc:  # still EAGAIN, or ENOMEM: no memory
+            if door is not None:
+                door.close()
             message = f"mcp-codeexec: cannot start bash: {exc.strerror or exc} (the sandbox's process or memory limit is reached)\n"
             return p.ExecResult("", message, 126, False, False, 0, len(message), time.monotonic() - started)
         finally:
@@ -384,6 +396,8 @@ class Agent:
                 await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
             for task in pumps:
                 task.cancel()
+            if door is not None:
+                door.close()
         code = exited.result()
         files, files_note = self.written_files(mark, wall)
         result = p.ExecResult(
@@ -461,4 +475,10 @@ def main(listener: socket.socket, first: tuple[socket.socket, int, int], config:
         os.setgroups([])  # threads acting as the user must not carry root's groups
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     agent = Agent(str(config["root"]), listener)
+    if config.get("tools"):
+        try:
+            os.environ.update(client_env(install_client(str(config["tool_client"]))))
+            agent.tools = Tools()
+        except OSError as exc:  # /tmp full: commands run, tool calls say there is no channel
+            print(f"mcp-codeexec agent: no tool client: {exc}", file=sys.stderr)
     asyncio.run(_serve(agent, listener, first))

@@ -25,7 +25,9 @@ SOCKET_DIR = "/run/mcp-codeexec"
 SOCKET = f"{SOCKET_DIR}/agent.sock"
 
 # The agent's modules, in import order.
-_AGENT_MODULES = ["protocol", "process", "editor", "watch", "repl", "agent"]
+_AGENT_MODULES = ["protocol", "process", "editor", "watch", "toolchannel", "repl", "agent"]
+# Shipped as text, for the user's processes, when tools are on (toolchannel.install_client).
+_TOOL_CLIENT = "mcp_tools"
 
 # python3 -I -u -c LOADER. Frames as in protocol.py (4-byte length + JSON). It answers each
 # connection with a hello (agent: null) and takes one frame
@@ -128,5 +130,8 @@ def load_frame_body(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """(the load frame for the loader, the hash the agent will report in its hello). The
     hash covers the code and the config, so a server with other settings reloads too."""
     sources = _sources()
+    if config.get("tools"):
+        client = resources.files("mcp_codeexec.agent") / f"{_TOOL_CLIENT}.py"
+        config = {**config, "tool_client": client.read_text("utf-8")}
     digest = hashlib.sha256(json.dumps([sources, config], sort_keys=True).encode()).hexdigest()
     return {"op": "load", "modules": sources, "config": {**config, "hash": digest}}, digest

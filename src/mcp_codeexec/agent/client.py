@@ -17,9 +17,9 @@ import binascii
 import logging
 import posixpath
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -117,13 +117,43 @@ _REPLY_TYPES: dict[type[p.Request], type[Any]] = {
 _Waiter = tuple[p.Request, MemoryObjectSendStream[Any], Callable[[p.Output], None] | None]
 
 
+@dataclass
+class CommandTools:
+    """The tool calls of one command (an Exec or Repl request in flight): counted against
+    it, and cancelled when it ends."""
+
+    request_id: int
+    calls: int = 0  # made so far
+    active: int = 0  # in flight now (counted by the gateway, after its checks)
+    tasks: int = 0  # answers being worked on (counted here, before any check)
+    scopes: set[anyio.CancelScope] = field(default_factory=set)
+    ended: bool = False
+
+    def end(self) -> None:
+        self.ended = True
+        for scope in self.scopes:
+            scope.cancel()
+
+
+# Answers one tool request of a command (upstream.Gateway.call, bound to the sandbox).
+ToolHandler = Callable[[p.ToolRequest, CommandTools], Awaitable[p.ToolReply]]
+_TOOL_COMMANDS = (p.Exec, p.Repl)  # the requests whose code may call tools
+_MAX_TOOL_NAME = 256
+# Tool requests in flight per command. The agent lets at most 16 through per command; more
+# is something no agent would send.
+_MAX_TOOL_TASKS = 64
+
+
 class AgentClient:
     """One connection to the agent. `serve()` must run in a task for replies to arrive;
     `connect()` then brings the agent up to this server's code."""
 
-    def __init__(self, stream: AgentStream, bounds: Bounds) -> None:
+    def __init__(self, stream: AgentStream, bounds: Bounds, on_tool: ToolHandler | None = None) -> None:
         self.stream = stream
         self.bounds = bounds
+        self.on_tool = on_tool
+        self._commands: dict[int, CommandTools] = {}
+        self._tasks: anyio.abc.TaskGroup | None = None
         # Ids start at random: a reply still in flight from another connection cannot
         # pass for one of ours.
         self._next_id = secrets.randbelow(1 << 40)
@@ -157,6 +187,11 @@ class AgentClient:
     async def serve(self) -> None:
         """Read frames until the stream ends or a frame is not what an agent sends. Never
         raises (but for cancellation): whatever one sandbox sends stays with its sandbox."""
+        async with anyio.create_task_group() as self._tasks:  # tool calls run here
+            await self._read_frames()
+            self._tasks.cancel_scope.cancel()
+
+    async def _read_frames(self) -> None:
         decoder = p.FrameDecoder(p.MAX_REPLY_FRAME)
         try:
             while True:
@@ -174,6 +209,8 @@ class AgentClient:
             log.exception("agent connection: unexpected error")
             self.death = f"internal error on the agent connection ({type(exc).__name__})"
         finally:
+            for command in self._commands.values():
+                command.end()
             self.closed.set()
             self._hello_seen.set()
             for _, send, _ in self._waiting.values():
@@ -186,6 +223,9 @@ class AgentClient:
         if self._hello is None and not self._hello_seen.is_set():
             self._hello = p.decode_hello(message)
             self._hello_seen.set()
+            return
+        if isinstance(message, dict) and message.get("kind") == "tool":
+            self._tool_request(message)
             return
         request_id = message.get("id") if isinstance(message, dict) else None
         if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id not in self._waiting:
@@ -206,6 +246,53 @@ class AgentClient:
         del self._waiting[request_id]
         send.send_nowait(reply)
         send.close()
+
+    def _tool_request(self, message: Any) -> None:
+        """Code run by a command calls a tool: answered in a task of its own, cancelled
+        when the command ends. A request for a command that has ended (a race with its
+        reply) is dropped; one that names a request that runs no code is a protocol error."""
+        request_id, request = p.decode_tool_request(message)
+        if request.call < 0 or request.op not in ("call", "list"):
+            raise p.ProtocolError(f"ToolRequest: bad call id or op {request.op[:20]!r}")
+        if len(request.server) > _MAX_TOOL_NAME or len(request.tool) > _MAX_TOOL_NAME:
+            raise p.ProtocolError("ToolRequest: oversized name")
+        waiter = self._waiting.get(request_id)
+        if waiter is None:
+            return
+        if not isinstance(waiter[0], _TOOL_COMMANDS):
+            raise p.ProtocolError(f"a tool call from a {waiter[0].op} request")
+        command = self._commands.setdefault(request_id, CommandTools(request_id))
+        if command.tasks >= _MAX_TOOL_TASKS:
+            raise p.ProtocolError(f"over {_MAX_TOOL_TASKS} tool calls at once from one command")
+        if self._tasks is not None:
+            command.tasks += 1
+            self._tasks.start_soon(self._answer_tool, request, command)
+
+    async def _answer_tool(self, request: p.ToolRequest, command: CommandTools) -> None:
+        with anyio.CancelScope() as scope:
+            command.scopes.add(scope)
+            try:
+                if command.ended:
+                    return
+                if self.on_tool is None:
+                    reply = p.ToolReply(call=request.call, ok=False, code="unavailable",
+                                        message="this server offers no tools to code in the sandbox")
+                else:
+                    reply = await self.on_tool(request, command)
+                await self._send(p.request_frame(self._new_id(), reply))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # the connection ended: so did the command
+            except Exception:  # noqa: BLE001 - one call's bug must not end the connection
+                log.exception("tool call: unexpected error")
+                with anyio.move_on_after(5):
+                    try:
+                        await self._send(p.request_frame(self._new_id(), p.ToolReply(
+                            call=request.call, ok=False, code="unavailable", message="internal error in the server")))
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        pass
+            finally:
+                command.scopes.discard(scope)
+                command.tasks -= 1
 
     @staticmethod
     def _check_shape(message: Any) -> None:
@@ -248,6 +335,9 @@ class AgentClient:
             raise
         finally:
             self._waiting.pop(request_id, None)
+            command = self._commands.pop(request_id, None)
+            if command is not None:
+                command.end()  # the command is over: so are its tool calls
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -255,14 +345,19 @@ class AgentClient:
 
 
 async def connect_agent(
-    deployment: Deployment, name: str, task_group: anyio.abc.TaskGroup, config: dict[str, Any]
+    deployment: Deployment,
+    name: str,
+    task_group: anyio.abc.TaskGroup,
+    config: dict[str, Any],
+    on_tool: ToolHandler | None = None,
 ) -> AgentClient:
     """A live connection to the agent of the running sandbox `name`, running this server's
-    code with `config` ({"root": workspace, "rlimit_as": bytes}), loaded or reloaded as
-    needed. Its serve() runs in `task_group` (it never raises)."""
+    code with `config` ({"root": workspace, "rlimit_as": bytes, "tools": bool}), loaded or
+    reloaded as needed. Its serve() runs in `task_group` (it never raises). `on_tool`
+    answers the tool calls of code in the sandbox."""
     for _ in range(3):
         stream = await deployment.connect(name, relay_argv())
-        agent = AgentClient(stream, Bounds(str(config["root"])))
+        agent = AgentClient(stream, Bounds(str(config["root"])), on_tool)
         task_group.start_soon(agent.serve)
         try:
             if not await agent.connect(config):

@@ -64,6 +64,8 @@ class Exec(Request):
     env: dict[str, str] = field(default_factory=dict)
     # Send Output events while the command runs (progress for long calls).
     stream: bool = False
+    # Open a tool channel for this command (toolchannel.py): its code may call upstream tools.
+    tools: bool = False
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Repl(Request):
     stream: bool = False
     cwd: str = ""  # where a fresh interpreter starts ("" = the agent's cwd)
     env: dict[str, str] = field(default_factory=dict)  # added when a fresh interpreter starts
+    tools: bool = False  # as Exec.tools: the cell's code may call upstream tools
 
 
 @dataclass
@@ -145,8 +148,22 @@ class Reload(Request):
     op: ClassVar[str] = "reload"
 
 
+@dataclass
+class ToolReply(Request):
+    """The server's answer to the agent's ToolRequest `call`. No reply of its own. `ok`: the
+    tool ran and `result` is its value; else `code` and `message` say why not (code
+    "tool_error": the upstream tool itself reported an error)."""
+
+    op: ClassVar[str] = "tool_reply"
+    call: int
+    ok: bool
+    result: Any = None
+    code: str = ""
+    message: str = ""
+
+
 REQUESTS: dict[str, type[Request]] = {
-    cls.op: cls for cls in (Ping, Exec, Edit, ReadFile, WriteFile, Cancel, Repl, ReplReset, Reload)
+    cls.op: cls for cls in (Ping, Exec, Edit, ReadFile, WriteFile, Cancel, Repl, ReplReset, Reload, ToolReply)
 }
 
 
@@ -222,6 +239,19 @@ class Output:
     data: str
 
 
+@dataclass
+class ToolRequest:
+    """From the agent: code run by the command named in the frame's id asks for `op` "list"
+    (the tools it may call) or "call" (`tool` of upstream `server` with `arguments`). `call`
+    is the agent's id for it, echoed in the ToolReply."""
+
+    call: int
+    op: str
+    server: str = ""
+    tool: str = ""
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
 # --- encoding ---------------------------------------------------------------------------
 
 
@@ -237,7 +267,12 @@ def request_frame(request_id: int, request: Request) -> bytes:
 
 
 def reply_frame(request_id: int, reply: Any) -> bytes:
-    kind = "event" if isinstance(reply, Output) else "failure" if isinstance(reply, Failure) else "result"
+    kind = (
+        "event" if isinstance(reply, Output)
+        else "failure" if isinstance(reply, Failure)
+        else "tool" if isinstance(reply, ToolRequest)
+        else "result"
+    )
     return encode({"id": request_id, "kind": kind, "body": dataclasses.asdict(reply)})
 
 
@@ -307,6 +342,15 @@ def decode_reply(message: Any, expected: type[Any]) -> tuple[int, Any]:
     if cls is None:
         raise ProtocolError(f"unknown reply kind {str(kind)[:40]!r}")
     return request_id, decode_body(cls, message["body"])
+
+
+def decode_tool_request(message: Any) -> tuple[int, ToolRequest]:
+    """(the command's request id, the ToolRequest) from a frame of kind "tool"."""
+    if not isinstance(message, dict) or set(message) != {"id", "kind", "body"} or message["kind"] != "tool":
+        raise ProtocolError("a tool frame must have exactly id, kind and body")
+    if type(message["id"]) is not int:
+        raise ProtocolError("tool frame id is not an integer")
+    return message["id"], decode_body(ToolRequest, message["body"])
 
 
 def decode_hello(message: Any) -> Hello:

@@ -36,6 +36,7 @@ from typing import Any
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.process import CappedBuffer, kill_tree
+from mcp_codeexec.agent.toolchannel import ENV as TOOLS_ENV
 
 _DRAIN_AFTER_EXIT = 0.2
 _MAX_RC_DIGITS = 3  # the driver answers 0..255
@@ -104,15 +105,27 @@ def _flush():
     if _fflush:
         _fflush(None)
 
+_aloop = None
+
+def _exec(compiled):
+    global _aloop
+    if not compiled.co_flags & 0x80:  # CO_COROUTINE: set only when the cell awaits at top level
+        exec(compiled, _ns)
+        return
+    import asyncio  # only for a cell that awaits (it uses asyncio anyway)
+    if _aloop is None or _aloop.is_closed():
+        _aloop = asyncio.new_event_loop()  # one loop for the interpreter's life
+    _aloop.run_until_complete(eval(compiled, _ns))
+
 def _cell(code, name):
     _lines[name] = (len(code), None, code.splitlines(True), name)
-    try:
-        compiled = compile(code, name, "exec", dont_inherit=True)
+    try:  # 0x2000: PyCF_ALLOW_TOP_LEVEL_AWAIT, so `await tool(...)` works in a cell
+        compiled = compile(code, name, "exec", flags=0x2000, dont_inherit=True)
     except Exception as e:
         _err("".join(_fmt_only(type(e), e)))
         return 1
     try:
-        exec(compiled, _ns)
+        _exec(compiled)
     except SystemExit as e:
         c = e.code
         if c is None:
@@ -122,7 +135,10 @@ def _cell(code, name):
         _err(f"{c}\n")
         return 1
     except BaseException as e:
-        tb = e.__traceback__ = e.__traceback__.tb_next  # drop the driver's frame
+        tb = e.__traceback__  # drop the driver's frames (and the event loop's): start at the cell
+        while tb is not None and tb.tb_frame.f_code.co_filename != name:
+            tb = tb.tb_next
+        tb = e.__traceback__ = tb or e.__traceback__.tb_next
         sys.last_type, sys.last_value, sys.last_traceback = type(e), e, tb
         try:  # the default hook (C) reads sources from disk only; the traceback module sees cells
             if sys.excepthook is sys.__excepthook__:
@@ -178,9 +194,14 @@ class Repl:
         self.proc: subprocess.Popen[bytes] | None = None
         self.exited: asyncio.Future[int] | None = None
         self.sock: socket.socket | None = None
+        # The interpreter's tool channel (toolchannel.py): one for its life, serving the
+        # cell that runs and refusing calls between cells.
+        self.door: Any = None
 
     def _start(self, request: p.Repl) -> None:
         mine, theirs = socket.socketpair()
+        tools = self.agent.tools
+        self.door = tools.door() if request.tools and tools is not None else None
         try:
             self.proc, self.exited = self.agent.spawn(
                 ["python3", "-P", "-u", "-c", DRIVER, str(theirs.fileno())],
@@ -188,10 +209,13 @@ class Repl:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # stderr stays the agent's until the driver is up
                 cwd=request.cwd or None,
-                env={**os.environ, **request.env},
+                env={**os.environ, **request.env, **({TOOLS_ENV: self.door.name} if self.door else {})},
             )
         except BaseException:
             mine.close()
+            if self.door is not None:
+                self.door.close()
+                self.door = None
             raise
         finally:
             theirs.close()
@@ -209,6 +233,9 @@ class Repl:
         if self.proc is proc:
             sock.close()
             self.proc = self.exited = self.sock = None
+            if self.door is not None:
+                self.door.close()
+                self.door = None
         return status
 
     async def _exchange(self, sock: socket.socket, code: str) -> int | None:
@@ -250,6 +277,8 @@ class Repl:
             self._start(request)
         proc, exited, sock = self.proc, self.exited, self.sock
         assert exited is not None and sock is not None
+        if self.door is not None:
+            self.door.attach(call)
         buffers = {name: CappedBuffer(request.max_output) for name in ("stdout", "stderr")}
         pumps, ends, sent = [], [], False
         try:
@@ -277,6 +306,8 @@ class Repl:
                 rc = reply.result()
         except asyncio.CancelledError:
             cancelled = True
+        if self.door is not None:
+            self.door.detach()  # the cell is over: so are its tool calls
         died = rc is None
         if died:
             reply.cancel()
