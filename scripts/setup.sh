@@ -15,7 +15,11 @@
 #  5. creates .venv and installs the project with its test extra (again only
 #     when pyproject.toml changed);
 #  6. npm-installs the OAuth tests' tools (an OpenID provider, the MCP Inspector,
-#     Node 22) into ~/.cache/mcp-codeexec/oidc-<hash of tests/oidc/package*.json>.
+#     Node 22) into ~/.cache/mcp-codeexec/oidc-<hash of tests/oidc/package*.json>;
+#  7. builds kube-apiserver for the Kubernetes backend's tests (scripts/k8s.sh
+#     build: etcd-server and Go from apt, kube-apiserver from Debian's source;
+#     ~5 min once, then cached under ~/.cache/mcp-codeexec/kube-VERSION/).
+#     MCP_CODEEXEC_KUBE=0 skips it (tests/e2e/test_kubernetes.py then fails).
 #
 # Quiet on success apart from a short summary on stdout; details in .cache/.
 # If MCP_CODEEXEC_DOCKERD_STARTED_FILE names a file, the pid of a dockerd that
@@ -382,6 +386,13 @@ else
     summary_oidc="installed ($OIDC_DIR)"
 fi
 
+# ------------------------------------------------ 7. the test control plane
+if [[ "${MCP_CODEEXEC_KUBE:-1}" == 0 ]]; then
+    summary_kube="skipped (MCP_CODEEXEC_KUBE=0)"
+else
+    summary_kube="$("$ROOT/scripts/k8s.sh" build 2>>"$LOG")" || die "building kube-apiserver failed (log: $LOG)"
+fi
+
 say "packages: $summary_pkgs"
 for n in "${notes[@]}"; do say "$n"; done
 say "daemon.json: $summary_json"
@@ -389,4 +400,5 @@ say "dockerd: $summary_dockerd"
 say "image: $summary_image"
 say "venv: $summary_venv"
 say "OAuth test tools: $summary_oidc"
+say "kube-apiserver: $summary_kube"
 say "done in $((SECONDS - START))s"
