@@ -92,6 +92,7 @@ class App:
                 finally:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(20):
                         await containers.shutdown()
+                        await self.backend.aclose()
                     task_group.cancel_scope.cancel()
         finally:
             self._entered = 0

@@ -127,6 +127,9 @@ class Deployment(abc.ABC):
         """Start `argv` (the relay) inside the running sandbox, as root, with its stdin and
         stdout as the returned stream."""
 
+    async def aclose(self) -> None:
+        """Release what the backend holds open (its API clients) at server shutdown."""
+
     async def image_manifest(self, image: str) -> dict[str, Any] | None:
         """What the sandbox image has installed (deployment/image.py), for the system prompt; None
         when the backend has no image. May raise: the prompt then lists no versions."""
