@@ -20,7 +20,7 @@ import anyio
 import pytest
 import yaml
 from conftest import IMAGE, TENANT, connect
-from k8s.cluster import ROOT, Cluster
+from k8s.cluster import ROOT, Cluster, collection_path
 
 from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.kubernetes import KubernetesDeployment, KubernetesOptions
@@ -36,22 +36,10 @@ def cluster(engine: Any) -> Iterator[Cluster]:
     with tempfile.TemporaryDirectory(prefix="mcp-codeexec-k8s-") as d:
         c = Cluster.start(Path(d))
         try:
-            install(c)
+            c.install(NAMESPACE)
             yield c
         finally:
             c.stop()
-
-
-def install(c: Cluster) -> None:
-    """What an operator applies from deploy/kubernetes/ (the server's RBAC bound, here, to the
-    test's `mcp-codeexec` user as well as to the ServiceAccount), plus what a
-    controller-manager would make: the namespace's default ServiceAccount."""
-    c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-    c.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": NAMESPACE}})
-    for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "rbac.yaml").read_text()):
-        if doc["kind"] == "RoleBinding":
-            doc["subjects"].append({"kind": "User", "name": "mcp-codeexec", "apiGroup": "rbac.authorization.k8s.io"})
-        c.apply(doc)
 
 
 def kube_args(c: Cluster, user: str = "server", *extra: str) -> tuple[str, ...]:
@@ -316,3 +304,10 @@ async def test_an_unknown_runtime_class_is_refused_at_start(cluster: Cluster) ->
         text = errlog.read()
     assert "no RuntimeClass 'no-such-class'" in text, text[-3000:]
     assert not any(p["spec"].get("runtimeClassName") == "no-such-class" for p in pods(cluster))
+
+
+def test_the_shipped_manifests_are_accepted_by_the_apiserver(cluster: Cluster) -> None:
+    for path in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            status, got = cluster.request("POST", collection_path(doc) + "?dryRun=All", doc)
+            assert status in (200, 201, 409), (path.name, doc["kind"], got)  # 409: installed already

@@ -60,6 +60,21 @@ class Cluster:
             raise
         return cluster
 
+    def install(self, namespace: str) -> None:
+        """What an operator applies from deploy/kubernetes/ (the server's RBAC, bound here to the
+        `mcp-codeexec` user of server.kubeconfig as well as to the ServiceAccount), plus what
+        a controller-manager would make: the namespace's default ServiceAccount."""
+        import yaml
+
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        self.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": namespace}})
+        for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "rbac.yaml").read_text()):
+            doc["metadata"]["namespace"] = namespace
+            if doc["kind"] == "RoleBinding":
+                doc["subjects"][0]["namespace"] = namespace
+                doc["subjects"].append({"kind": "User", "name": "mcp-codeexec", "apiGroup": "rbac.authorization.k8s.io"})
+            self.apply(doc)
+
     def _start_node(self, name: str) -> None:
         self.node_log = self.directory / "node.log"
         d = self.directory

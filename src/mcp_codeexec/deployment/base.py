@@ -83,7 +83,7 @@ class AgentStream(abc.ABC):
 class Deployment(abc.ABC):
     """Where sandboxes run. Nine verbs that serve Docker and Kubernetes alike; names are the
     layers' own (`mcp-codeexec.<tenant>.<id>`), labels are the only state kept with a
-    sandbox. A tenth, `image_manifest`, is optional. See docs/architecture.md for how each
+    sandbox. Two more are optional: `image_manifest`, `aclose`. See docs/architecture.md for how each
     verb maps to Docker and to Kubernetes."""
 
     @abc.abstractmethod
