@@ -71,6 +71,7 @@ _START_TIMEOUT = 180.0
 _CHUNK = 65536
 _MAX_MESSAGE = 4 << 20  # the largest websocket message taken from the apiserver
 _STDERR_KEEP = 8192
+_REMEMBERED = 10_000  # pod names remembered by sandbox name
 # A container that waits for one of these will not start without a change on the cluster.
 _STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError",
           "RunContainerError", "ErrImageNeverPull"}
@@ -230,6 +231,8 @@ class KubernetesAgentStream(AgentStream):
                 self.exit_status = payload[:1000].decode("utf-8", "replace")
 
     async def aclose(self) -> None:
+        if self._renewer.done():
+            return  # closed already
         self._renewer.cancel()
         await self._ws.close()
         with anyio.move_on_after(5, shield=True), contextlib.suppress(BackendUnavailable):
@@ -284,8 +287,13 @@ class KubernetesDeployment(Deployment):
         pod = await self._pod(pod_name)
         if pod is not None and (pod["metadata"].get("annotations") or {}).get(NAME) != name:
             await self._annotate_pod(pod_name, {NAME: name})  # a claim renamed it: catch the pod up
-        self._pods[name] = pod_name
+        self._remember(name, pod_name)
         return pvc, pod
+
+    def _remember(self, name: str, pod_name: str) -> None:
+        if len(self._pods) >= _REMEMBERED:  # names another replica removed are never forgotten otherwise
+            self._pods.clear()
+        self._pods[name] = pod_name
 
     @staticmethod
     def _names_from_claim(pvc: dict[str, Any]) -> tuple[str, str]:
@@ -354,26 +362,30 @@ class KubernetesDeployment(Deployment):
 
     async def start(self, spec: SandboxSpec) -> None:
         pvc, pod = await self._find(spec.name)
-        if pvc is None:
-            pvc = await self._claim_of(spec.name)
-        claim, pod_name = self._names_from_claim(pvc)
         if pod is not None:
             phase = pod.get("status", {}).get("phase")
             layout = (pod["metadata"].get("annotations") or {}).get(LAYOUT)
             if pod["metadata"].get("deletionTimestamp") is None and phase in ("Pending", "Running", None) \
                     and layout == spec.labels.get(_LAYOUT_LABEL):
-                await self._wait_running(pod_name)
+                await self._wait_running(pod["metadata"]["name"])
                 return
-            await self._delete_pod(pod_name)  # ended, going, or made for another layout
-        labels = {k: v for k, v in pvc["metadata"].get("annotations", {}).items() if k != NAME}
+            await self._delete_pod(pod["metadata"]["name"])  # ended, going, or made for another layout
+        if pvc is None:
+            pvc = await self._claim_of(spec.name)
+        claim, pod_name = self._names_from_claim(pvc)
+        kept = {k: v for k, v in (pvc["metadata"].get("annotations") or {}).items() if k != NAME}
         manifest = self._pod_manifest(spec, pod_name, claim)
-        manifest["metadata"]["annotations"] = {**labels, NAME: spec.name, LAYOUT: spec.labels.get(_LAYOUT_LABEL, "")}
+        manifest["metadata"]["annotations"] = {
+            **kept, **spec.labels, NAME: spec.name, LAYOUT: spec.labels.get(_LAYOUT_LABEL, ""),
+            # In use from birth: another replica's reaper must not stop it before its starter connects.
+            IN_USE + "start": str(int(time.time() + _LEASE)),
+        }
         try:
             await self.api.call("POST", f"{self._ns}/pods", manifest)
         except _ApiError as exc:
             if exc.status != 409:  # 409: another replica is starting it at this moment
                 raise
-        self._pods[spec.name] = pod_name
+        self._remember(spec.name, pod_name)
         await self._wait_running(pod_name)
 
     async def _wait_running(self, pod_name: str) -> None:
@@ -451,7 +463,7 @@ class KubernetesDeployment(Deployment):
             self._pods.pop(name, None)
             _, pod_name = self._names_from_claim(pvc)
             await self._annotate_pod(pod_name, {NAME: new_name})
-            self._pods[new_name] = pod_name
+            self._remember(new_name, pod_name)
             return
         raise NameTaken(f"sandbox {name}: too many concurrent changes")
 
