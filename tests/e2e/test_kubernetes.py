@@ -168,6 +168,38 @@ def test_a_gvisor_pod_runs_hardened_and_an_exec_stream_carries_stdin_and_stdout_
         time.sleep(0.2)
 
 
+def test_an_attach_stream_reaches_the_pods_main_process(cluster: Cluster) -> None:
+    """pods/attach (the other streaming endpoint the stand-in answers): stdin of the pod's
+    own main process in, its stdout out."""
+    pod = hardened_pod("attach", command=["python3", "-u", "-c", "import sys\nfor line in sys.stdin: print(line.strip()[::-1])"])
+    cluster.request("DELETE", "/api/v1/namespaces/default/pods/attach")
+    status, got = cluster.request("POST", "/api/v1/namespaces/default/pods", pod)
+    assert status == 201, got
+    cluster.wait_for("/api/v1/namespaces/default/pods/attach", running)
+
+    async def converse() -> bytes:
+        from kubernetes_asyncio import client, config
+        from kubernetes_asyncio.stream import WsApiClient
+
+        cfg = client.Configuration()
+        await config.load_kube_config(config_file=str(cluster.kubeconfig("admin")), client_configuration=cfg)
+        async with WsApiClient(configuration=cfg) as api:
+            ws_cm = await client.CoreV1Api(api_client=api).connect_get_namespaced_pod_attach(
+                "attach", "default", stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False)
+            async with ws_cm as ws:
+                await ws.send_bytes(b"\x00stressed\n")
+                out = b""
+                with anyio.fail_after(20):
+                    while not out.endswith(b"\n"):
+                        msg = await ws.receive()
+                        if msg.data[:1] == b"\x01":
+                            out += msg.data[1:]
+                return out
+
+    assert anyio.run(converse) == b"desserts\n"
+    cluster.request("DELETE", "/api/v1/namespaces/default/pods/attach")
+
+
 def test_an_unknown_runtime_class_is_refused_by_the_apiserver(cluster: Cluster) -> None:
     status, got = cluster.request("POST", "/api/v1/namespaces/default/pods", hardened_pod("nope", runtime_class="no-such-class"))
     assert status == 403 and "no-such-class" in got["message"], got
