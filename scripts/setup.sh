@@ -15,9 +15,13 @@
 #  5. creates .venv and installs the project with its test extra (again only
 #     when pyproject.toml changed);
 #  6. npm-installs the OAuth tests' tools (an OpenID provider, the MCP Inspector,
-#     Node 22) into ~/.cache/mcp-codeexec/oidc-<hash of tests/oidc/package*.json>.
+#     Node 22) into ~/.cache/mcp-codeexec/oidc-<hash of tests/oidc/package*.json>;
 #  7. installs the real upstream MCP servers the tool calling tests call
-#     (tests/upstreams/pins.txt), cached under ~/.cache/mcp-codeexec/upstreams.
+#     (tests/upstreams/pins.txt), cached under ~/.cache/mcp-codeexec/upstreams;
+#  8. builds kube-apiserver for the Kubernetes backend's tests (scripts/k8s.sh
+#     build: etcd-server and Go from apt, kube-apiserver from Debian's source;
+#     ~5 min once, then cached under ~/.cache/mcp-codeexec/kube-VERSION/).
+#     MCP_CODEEXEC_KUBE=0 skips it (tests/e2e/test_kubernetes.py then fails).
 #
 # Quiet on success apart from a short summary on stdout; details in .cache/.
 # If MCP_CODEEXEC_DOCKERD_STARTED_FILE names a file, the pid of a dockerd that
@@ -417,6 +421,13 @@ else
     summary_upstreams="none pinned"
 fi
 
+# ------------------------------------------------ 8. the test control plane
+if [[ "${MCP_CODEEXEC_KUBE:-1}" == 0 ]]; then
+    summary_kube="skipped (MCP_CODEEXEC_KUBE=0)"
+else
+    summary_kube="$("$ROOT/scripts/k8s.sh" build 2>>"$LOG")" || die "building kube-apiserver failed (log: $LOG)"
+fi
+
 say "packages: $summary_pkgs"
 for n in "${notes[@]}"; do say "$n"; done
 say "daemon.json: $summary_json"
@@ -425,4 +436,5 @@ say "image: $summary_image"
 say "venv: $summary_venv"
 say "OAuth test tools: $summary_oidc"
 say "upstream MCP servers: $summary_upstreams"
+say "kube-apiserver: $summary_kube"
 say "done in $((SECONDS - START))s"

@@ -95,6 +95,7 @@ class App:
                 finally:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(20):
                         await containers.shutdown()
+                        await self.backend.aclose()
                     if self.tools is not None:
                         self.tools.close()
                     task_group.cancel_scope.cancel()

@@ -31,9 +31,24 @@ def parser() -> argparse.ArgumentParser:
                     "Anything else needs --allow-weak-isolation.")
     ap.add_argument("--allow-weak-isolation", action="store_true",
                     help="permit a runtime other than runsc (e.g. runc), or --backend local")
-    ap.add_argument("--backend", choices=["docker", "local"], default=d.backend,
-                    help="docker (default): sandboxes are containers under --runtime. local: NO isolation, commands "
+    ap.add_argument("--backend", choices=["docker", "kubernetes", "local"], default=d.backend,
+                    help="docker (default): sandboxes are containers under --runtime. kubernetes: pods on a cluster, "
+                    "under --kube-runtime-class (deploy/kubernetes/). local: NO isolation, commands "
                     "run as plain processes on this host (for tests; needs --allow-weak-isolation)")
+    k = ap.add_argument_group("--backend kubernetes")
+    k.add_argument("--kube-namespace", default=d.kube_namespace, help=f"namespace of the sandbox pods (default {d.kube_namespace})")
+    k.add_argument("--kube-runtime-class", default=d.kube_runtime_class,
+                   help=f"RuntimeClass of the sandbox pods (default {d.kube_runtime_class}; its handler must be runsc)")
+    k.add_argument("--kube-storage-class", default=d.kube_storage_class, help="StorageClass of workspace claims (default: the cluster's)")
+    k.add_argument("--kube-pull-policy", default=d.kube_pull_policy, choices=["Always", "IfNotPresent", "Never"],
+                   help=f"imagePullPolicy of the sandbox image (default {d.kube_pull_policy})")
+    k.add_argument("--kube-node-selector", action="append", default=[], metavar="KEY=VALUE",
+                   help="schedule sandboxes only on nodes with this label (repeatable)")
+    k.add_argument("--kube-toleration", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
+                   help="let sandboxes run on nodes with this taint (repeatable), e.g. sandbox.gke.io/runtime=gvisor:NoSchedule")
+    k.add_argument("--kubeconfig", default=d.kubeconfig, help="kubeconfig file (default: in-cluster service account "
+                   "when run in a pod, else $KUBECONFIG or ~/.kube/config)")
+    k.add_argument("--kube-context", default=d.kube_context, help="kubeconfig context (default: its current one)")
     ap.add_argument("--local-dir", default=d.local_dir, help="local backend: where its sandboxes live "
                     "(default /tmp/mcp-codeexec-local-<uid>; the workspace defaults to <local-dir>/workspace)")
     ap.add_argument("--image", default=d.image, help=f"sandbox image (default {d.image})")
@@ -106,6 +121,22 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"mcp-codeexec: --kube-node-selector {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _toleration(text: str) -> dict[str, str]:
+    """KEY[=VALUE]:EFFECT as a pod toleration (Equal with a value, else Exists)."""
+    spec, sep, effect = text.rpartition(":")
+    if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute") or not spec:
+        raise SystemExit(f"mcp-codeexec: --kube-toleration {text!r}: expected KEY[=VALUE]:NoSchedule|PreferNoSchedule|NoExecute")
+    key, eq, value = spec.partition("=")
+    return {"key": key, "operator": "Equal", "value": value, "effect": effect} if eq else {"key": key, "operator": "Exists", "effect": effect}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.runtime != "runsc" and not args.allow_weak_isolation:
         raise SystemExit(
@@ -126,6 +157,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         workdir = os.path.realpath(workdir)
     return Settings(
         backend=args.backend,
+        kube_namespace=args.kube_namespace,
+        kube_runtime_class=args.kube_runtime_class,
+        kube_storage_class=args.kube_storage_class,
+        kube_pull_policy=args.kube_pull_policy,
+        kube_node_selector=dict(_key_value(s) for s in args.kube_node_selector),
+        kube_tolerations=tuple(_toleration(s) for s in args.kube_toleration),
+        kubeconfig=args.kubeconfig,
+        kube_context=args.kube_context,
         local_dir=os.path.abspath(args.local_dir) if args.local_dir else "",
         runtime=args.runtime,
         image=args.image,

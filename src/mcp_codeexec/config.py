@@ -42,7 +42,16 @@ def format_size(n: int) -> str:
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    backend: str = "docker"  # docker (gVisor sandboxes) | local (no isolation: tests only)
+    backend: str = "docker"  # docker (gVisor sandboxes) | kubernetes (pods, gVisor RuntimeClass) | local (no isolation: tests only)
+    # --backend kubernetes (deployment/kubernetes.py)
+    kube_namespace: str = "default"
+    kube_runtime_class: str = "gvisor"
+    kube_storage_class: str = ""  # "" = the cluster's default
+    kube_pull_policy: str = "IfNotPresent"
+    kube_node_selector: dict[str, str] = Field(default_factory=dict)
+    kube_tolerations: tuple[dict[str, str], ...] = ()
+    kubeconfig: str = ""  # "" = in-cluster service account when in a pod, else $KUBECONFIG or ~/.kube/config
+    kube_context: str = ""
     local_dir: str = ""  # local backend: where its sandboxes live ("" = deployment/local.py's default)
     runtime: str = "runsc"
     image: str = "mcp-codeexec-sandbox:latest"

@@ -219,8 +219,21 @@ class ContainerManager:
         for sandbox in list(self._open.values()):
             if sandbox.running and sandbox.in_flight == 0 and sandbox not in self._pool:
                 if time.monotonic() - sandbox.last_used > idle_for:
-                    log.info("stopping %s: idle for over %ds", sandbox.info.id, idle_for)
-                    await sandbox.stop()
+                    await self._idle(sandbox, idle_for)
+
+    async def _idle(self, sandbox: Sandbox, idle_for: float) -> None:
+        """Idle here: stop it, unless another server (another replica, another stdio client's
+        server) is connected to it too; then only let go of it, and the last one stops it."""
+        try:
+            others = ((await self.deployment.inspect(sandbox.name)).in_use or 0) - 1
+        except SandboxGone:
+            others = 0
+        if others > 0:
+            log.info("%s idle here for over %ds but used by another server: detaching", sandbox.info.id, idle_for)
+            await sandbox.detach()
+            return
+        log.info("stopping %s: idle for over %ds", sandbox.info.id, idle_for)
+        await sandbox.stop()
 
     async def _orphaned(self, record: SandboxRecord, now: datetime) -> bool:
         """Another server's pool container that no server is connected to, and old enough

@@ -1,5 +1,5 @@
 """Where sandboxes run: `base` is the interface, `docker` the Docker Engine backend (gVisor),
-`local` plain local processes with no isolation (for fast tests). `make_backend` picks one."""
+`kubernetes` pods on a cluster (gVisor RuntimeClass), `local` plain local processes with no isolation (for fast tests). `make_backend` picks one."""
 
 from __future__ import annotations
 
@@ -23,4 +23,12 @@ def make_backend(settings: Settings) -> Deployment:
 
         wanted = q.Wanted(settings.disk_bytes, settings.quota_dir or q.default_dir(), settings.image)
         return DockerDeployment(settings.runtime, wanted=wanted)
+    if settings.backend == "kubernetes":
+        from mcp_codeexec.deployment.kubernetes import KubernetesDeployment, KubernetesOptions
+
+        return KubernetesDeployment(KubernetesOptions(
+            namespace=settings.kube_namespace, runtime_class=settings.kube_runtime_class,
+            storage_class=settings.kube_storage_class, pull_policy=settings.kube_pull_policy,
+            node_selector=settings.kube_node_selector, tolerations=settings.kube_tolerations,
+            kubeconfig=settings.kubeconfig, context=settings.kube_context, disk_bytes=settings.disk_bytes))
     raise ValueError(f"unknown backend {settings.backend!r}")

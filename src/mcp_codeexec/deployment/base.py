@@ -83,7 +83,7 @@ class AgentStream(abc.ABC):
 class Deployment(abc.ABC):
     """Where sandboxes run. Nine verbs that serve Docker and Kubernetes alike; names are the
     layers' own (`mcp-codeexec.<tenant>.<id>`), labels are the only state kept with a
-    sandbox. A tenth, `image_manifest`, is optional. See docs/architecture.md for how each
+    sandbox. Two more are optional: `image_manifest`, `aclose`. See docs/architecture.md for how each
     verb maps to Docker and to Kubernetes."""
 
     @abc.abstractmethod
@@ -126,6 +126,9 @@ class Deployment(abc.ABC):
     async def connect(self, name: str, argv: builtins.list[str]) -> AgentStream:
         """Start `argv` (the relay) inside the running sandbox, as root, with its stdin and
         stdout as the returned stream."""
+
+    async def aclose(self) -> None:
+        """Release what the backend holds open (its API clients) at server shutdown."""
 
     async def image_manifest(self, image: str) -> dict[str, Any] | None:
         """What the sandbox image has installed (deployment/image.py), for the system prompt; None
