@@ -17,24 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import codecs
 import functools
 import os
 import resource
 import signal
 import socket
-import stat
 import struct
-import subprocess
 import sys
 import time
 from typing import Any
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.editor import Editor, EditorError
-from mcp_codeexec.agent.process import CappedBuffer, as_sandbox_user, kill_tree, kill_user_processes, privileged, spawn
+from mcp_codeexec.agent.process import (
+    CHILD_FD,
+    CappedBuffer,
+    Launcher,
+    as_sandbox_user,
+    kill_tree,
+    kill_user_processes,
+    output_events,
+    privileged,
+    pump,
+)
 from mcp_codeexec.agent.repl import Repl
-from mcp_codeexec.agent.watch import RECENT_SCAN_LIMIT, Watcher, recent_files
+from mcp_codeexec.agent.watch import OutputFiles
 
 # After the shell exits, how long to keep reading pipes that background children still
 # hold open before returning (their later output is dropped).
@@ -126,31 +133,10 @@ class Agent:
         self.editor = Editor(root=root, workdir=os.getcwd())
         self.listener = listener
         self.connections: dict[Connection, asyncio.Task[None]] = {}
-        self.in_flight = 0
-        self.children: dict[int, tuple[subprocess.Popen[bytes], asyncio.Future[int]]] = {}
-        self.repl = Repl(self)  # the persistent Python interpreter, started on first use
-        self.events: list[str] = []  # files written, in order; events_base counts dropped ones
-        self.events_base = 0
-        self.overflows = 0  # how often the watcher lost events
-        try:
-            self.watcher: Watcher | None = Watcher(self.editor.root)
-        except OSError:
-            self.watcher = None  # no inotify: commands report no output files
-
-    def reap(self) -> None:
-        """On SIGCHLD: collect our commands' exit codes without blocking. A signal handler
-        instead of a waiter thread per command: threads are costly under gVisor's ptrace
-        platform, and this keeps the agent single-threaded while commands run."""
-        for pid, (proc, exited) in list(self.children.items()):
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 0
-            if done:
-                del self.children[pid]
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                if not exited.done():
-                    exited.set_result(proc.returncode)
+        self.launcher = Launcher()
+        self.outputs = OutputFiles(self.editor.root)
+        self.repl = Repl(self.launcher, self.outputs)  # the persistent Python interpreter, started on first use
+        self.env = dict(os.environ)  # what every command starts with, before the request's own
 
     def connect(self, sock: socket.socket, in_fd: int, out_fd: int) -> None:
         if len(self.connections) >= _MAX_CONNECTIONS:
@@ -193,7 +179,6 @@ class Agent:
         os.execv(sys.executable, sys.orig_argv)  # the loader's own command line
 
     async def handle(self, call: Call, request: p.Request) -> None:
-        self.in_flight += 1
         try:
             if isinstance(request, p.Ping):
                 reply: Any = p.PingResult(p.PROTOCOL_VERSION, sys.version.split()[0], os.getpid(), os.getuid())
@@ -213,9 +198,9 @@ class Agent:
             return
         except Exception as exc:  # report, never die: one bad call must not end the agent
             reply = p.Failure("internal", f"{type(exc).__name__}: {exc}")
-        finally:
-            self.in_flight -= 1
         call.send(reply)
+        if isinstance(request, (p.Exec, p.Repl)):
+            self.launcher.warm()  # the spawner, for the next call (after this one's reply)
 
     def edit(self, request: p.Edit) -> p.EditResult | p.Failure:
         with as_sandbox_user():
@@ -248,103 +233,27 @@ class Agent:
         except EditorError as exc:
             return p.Failure(exc.code, exc.message)
 
-    def written_files(self, mark: tuple[int, int], started: float) -> tuple[list[list[Any]], str]:
-        """([path, size] of regular files written since `mark` (from event_mark), a note
-        for the caller if that list may be incomplete). When the watcher lost events while
-        the call ran (its queue overflowed, or a directory could not be watched), the
-        workspace is searched for files modified since `started` (a wall clock time)
-        instead, and the watcher is rebuilt."""
-        if self.watcher is None:
-            return [], ""
-        since, overflows = mark
-        self._take_events()
-        if self.overflows != overflows:
-            found, complete = recent_files(self.editor.root, started)
-            note = (
-                "more files changed than the file watcher could follow; output files were found by modification time"
-                + ("" if complete else f" among the first {RECENT_SCAN_LIMIT} entries of the workspace only")
-            )
-            return found, note
-        paths = dict.fromkeys(self.events[since - self.events_base :])
-        found = []
-        for path in paths:
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError:
-                continue  # written, then removed or renamed
-            if stat.S_ISREG(st.st_mode):
-                found.append([path, st.st_size])
-        return found, ""
-
-    def _take_events(self) -> None:
-        """Move the watcher's events into self.events; after a loss, count it and start a
-        fresh watcher (the old one's watches may miss new directories)."""
-        assert self.watcher is not None
-        self.events.extend(self.watcher.drain())
-        if self.watcher.overflowed:
-            self.overflows += 1
-            self.watcher.close()
-            self.watcher = Watcher(self.editor.root)
-
-    def event_mark(self) -> tuple[int, int]:
-        """Where a call starts: (file events seen so far, watcher overflows so far). A
-        call's files are the events after its mark."""
-        if self.watcher is None:
-            return 0, 0
-        self._take_events()
-        if self.in_flight <= 1 or len(self.events) > 100_000:  # only this call runs: drop the old ones
-            self.events_base += len(self.events)
-            self.events.clear()
-        return self.events_base + len(self.events), self.overflows
-
-    def spawn(self, argv: list[str], **kwargs: Any) -> tuple[subprocess.Popen[bytes], asyncio.Future[int]]:
-        """Start a child as the sandbox user, in its own session (kill_tree's unit); the
-        future gets its exit code."""
-        proc = spawn(argv, **kwargs)
-        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.children[proc.pid] = (proc, exited)
-        self.reap()  # it may have exited before it was registered
-        return proc, exited
-
-    async def pump(self, call: Call, name: str, pipe: Any, buffer: CappedBuffer, stream: bool) -> None:
-        """Read one output pipe to its end into `buffer` (and Output events if streaming)."""
-        reader = asyncio.StreamReader(limit=_CHUNK)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        try:
-            while chunk := await reader.read(_CHUNK):
-                buffer.add(chunk)
-                if stream:
-                    call.send(p.Output(name, decoder.decode(chunk)))
-        finally:
-            transport.close()
-
     async def run(self, call: Call, request: p.Exec) -> p.ExecResult:
-        started, wall = time.monotonic(), time.time()
-        mark = self.event_mark()
-        # Popen, not asyncio's subprocess: asyncio's wait() also waits for the pipes to
-        # close, so a background child holding stdout would hold the call.
+        with self.outputs.tracking() as mark:
+            return await self._run(call, request, mark)
+
+    async def _run(self, call: Call, request: p.Exec, mark: tuple[int, int, float]) -> p.ExecResult:
+        started = time.monotonic()
         argv, script_fd = ["bash", "-c", request.command], None
         if len(request.command) > _ARGV_MAX:
             # Too long for one argv string (the kernel caps each at 128 KiB): source it from
             # an in-memory file instead.
             script_fd = os.memfd_create("command")
             os.write(script_fd, request.command.encode("utf-8", "surrogateescape"))
-            argv = ["bash", "-c", f". /proc/self/fd/{script_fd}"]
+            argv = ["bash", "-c", f". /proc/self/fd/{CHILD_FD}"]
+        env = {**self.env, **request.env} if request.env else self.env
         notice = ""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             for attempt in (1, 2):
                 try:
-                    proc, exited = self.spawn(
-                        argv,
-                        pass_fds=(script_fd,) if script_fd is not None else (),
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        cwd=request.cwd,
-                        env={**os.environ, **request.env},
-                    )
+                    child = await self.launcher.spawn(argv, stdout=out_w, stderr=err_w, cwd=request.cwd, env=env, extra_fd=script_fd)
                     break
                 except BlockingIOError:
                     if attempt == 2:
@@ -352,25 +261,28 @@ class Agent:
                     # The process limit is full, most likely of what earlier commands left
                     # running in the background (a fork bomb): clear the sandbox and retry.
                     kill_user_processes()
-                    await asyncio.sleep(0.3)  # for PID 1 to reap them
+                    await asyncio.sleep(0.3)  # for them to be reaped
                     notice = (
                         "[mcp-codeexec] the sandbox's process limit was full; every process left running by earlier "
                         "commands was killed to run this one\n"
                     )
         except OSError as exc:  # still EAGAIN, or ENOMEM: no memory
+            for fd in (out_r, err_r):
+                os.close(fd)
             message = f"mcp-codeexec: cannot start bash: {exc.strerror or exc} (the sandbox's process or memory limit is reached)\n"
             return p.ExecResult("", message, 126, False, False, 0, len(message), time.monotonic() - started)
         finally:
-            if script_fd is not None:
-                os.close(script_fd)
+            for fd in (out_w, err_w) if script_fd is None else (out_w, err_w, script_fd):
+                os.close(fd)
         buffers = {"stdout": CappedBuffer(request.max_output), "stderr": CappedBuffer(request.max_output)}
         pumps = [
-            asyncio.create_task(self.pump(call, name, pipe, buffers[name], request.stream))
-            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
+            pump(fd, buffers[name], output_events(call, name) if request.stream else None)
+            for name, fd in (("stdout", out_r), ("stderr", err_r))
         ]
+        self.launcher.watch(child, pumps)
         timed_out = cancelled = False
         try:
-            await asyncio.wait_for(asyncio.shield(exited), request.timeout)
+            await asyncio.wait_for(asyncio.shield(child.exited), request.timeout)
             # Background children may still hold the pipes: give them a moment, then stop.
             await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
         except TimeoutError:
@@ -379,13 +291,13 @@ class Agent:
             cancelled = True
         finally:
             if timed_out or cancelled:
-                kill_tree(proc.pid)
-                await exited
+                kill_tree(child.pid)
+                await self.launcher.killed(child)
                 await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
-            for task in pumps:
-                task.cancel()
-        code = exited.result()
-        files, files_note = self.written_files(mark, wall)
+            for future in pumps:
+                future.cancel()
+        code = child.exited.result()
+        files, files_note = self.outputs.written(mark)
         result = p.ExecResult(
             stdout=buffers["stdout"].text("stdout"),
             stderr=notice + buffers["stderr"].text("stderr"),
@@ -440,8 +352,7 @@ LISTEN_FD_ENV = "MCP_CODEEXEC_LISTEN_FD"  # the loader takes its listening socke
 
 
 async def _serve(agent: Agent, listener: socket.socket, first: tuple[socket.socket, int, int]) -> None:
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGCHLD, agent.reap)
+    agent.launcher.start()
     agent.connect(*first)
     await agent.accept(listener)
 
