@@ -39,6 +39,8 @@ from mcp_codeexec.agent.process import (
     output_events,
     privileged,
     pump,
+    read_some,
+    within,
 )
 from mcp_codeexec.agent.repl import Repl
 from mcp_codeexec.agent.watch import OutputFiles
@@ -46,7 +48,6 @@ from mcp_codeexec.agent.watch import OutputFiles
 # After the shell exits, how long to keep reading pipes that background children still
 # hold open before returning (their later output is dropped).
 _DRAIN_AFTER_EXIT = 0.2
-_CHUNK = 65536
 _ARGV_MAX = 100_000
 # A server that stops reading its replies: past this many unsent bytes its connection is
 # dropped rather than grow the agent's memory.
@@ -85,23 +86,32 @@ class Connection:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=p.MAX_FRAME)
-        read_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.in_fd, "rb", buffering=0)
-        )
         self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(self.out_fd, "wb", buffering=0))
         decoder = p.FrameDecoder()
+        ended = loop.create_future()
+
+        def readable() -> None:  # requests are read straight from the event loop (no stream objects)
+            chunk = read_some(self.in_fd)
+            try:
+                if chunk:
+                    for message in decoder.feed(chunk):
+                        self.dispatch(message)
+                    return
+            except p.ProtocolError:
+                pass  # a server that speaks garbage is dropped
+            if chunk is not None and not ended.done():
+                ended.set_result(None)
+
+        os.set_blocking(self.in_fd, False)
+        loop.add_reader(self.in_fd, readable)
         try:
-            while chunk := await reader.read(_CHUNK):
-                for message in decoder.feed(chunk):
-                    self.dispatch(message)
-        except p.ProtocolError:
-            pass  # a server that speaks garbage is dropped
+            await ended
         finally:
             # The server went away: what it started dies with its connection.
             for task in list(self.tasks.values()):
                 task.cancel()
-            read_transport.close()
+            loop.remove_reader(self.in_fd)
+            os.close(self.in_fd)
             self.transport.close()
             self.sock.close()
 
@@ -282,18 +292,18 @@ class Agent:
         self.launcher.watch(child, pumps)
         timed_out = cancelled = False
         try:
-            await asyncio.wait_for(asyncio.shield(child.exited), request.timeout)
-            # Background children may still hold the pipes: give them a moment, then stop.
-            await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
-        except TimeoutError:
-            timed_out = True
+            if await within([child.exited], request.timeout):
+                # Background children may still hold the pipes: give them a moment, then stop.
+                await within(pumps, _DRAIN_AFTER_EXIT)
+            else:
+                timed_out = True
         except asyncio.CancelledError:
             cancelled = True
         finally:
             if timed_out or cancelled:
                 kill_tree(child.pid)
                 await self.launcher.killed(child)
-                await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
+                await within(pumps, _DRAIN_AFTER_EXIT)
             for future in pumps:
                 future.cancel()
         code = child.exited.result()
