@@ -264,6 +264,12 @@ _SPAWNER_BOOT = "import socket, sys; sock = socket.socket(fileno=int(sys.argv[1]
 SPAWNER = r"""
 import marshal, os, signal, struct
 os.set_inheritable(sock.fileno(), False)
+# Its 0, 1, 2 become a directory: what the user opens through /proc/<pid>/fd/N cannot be
+# written (a /dev/null could: a flood into it would only burn the sandbox's CPU).
+root = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+for fd in (0, 1, 2):
+    os.dup2(root, fd, inheritable=False)
+os.close(root)
 answer = struct.Struct("=iii").pack
 buf = bytearray(%(size)d + 1)
 ancillary = socket.CMSG_SPACE(4 * 4)
