@@ -4,12 +4,17 @@
 #
 #  1. apt-installs docker.io, runsc, debootstrap, python3-venv (and npm, for the
 #     conformance test) if missing;
-#  2. merges a "runsc" runtime into /etc/docker/daemon.json (runtimeArgs
-#     --network=none and --platform=$MCP_CODEEXEC_RUNSC_PLATFORM, default
-#     ptrace; an existing entry's platform is kept unless that variable is set);
+#  2. picks the gVisor platform: $MCP_CODEEXEC_RUNSC_PLATFORM if set, else
+#     the fastest the host supports by measurement (src/mcp_codeexec/platforms.py:
+#     kvm where /dev/kvm works, systrap, ptrace; a spawn and a Python import
+#     timed under each; cached in ~/.cache/mcp-codeexec/ per runsc release,
+#     kernel and /dev/kvm), and merges a "runsc" runtime with it into
+#     /etc/docker/daemon.json (scripts/daemon_json.py; also "experimental":
+#     true, for checkpoint/restore);
 #  3. starts dockerd if it is not answering (systemd when it is PID 1, else
-#     in the background, log .cache/dockerd.log, pid in .cache/dockerd.pid)
-#     or reloads it (SIGHUP) if it does not list the runsc runtime;
+#     in the background, log .cache/dockerd.log, pid in .cache/dockerd.pid);
+#     reloads it (SIGHUP) if the runtimes changed, restarts it if
+#     "experimental" had to be added;
 #  4. builds the sandbox image (sandbox/build.sh; MCP_CODEEXEC_IMAGE_SOURCE=
 #     auto|registry|no-registry picks its mode, default auto);
 #  5. creates .venv and installs the project with its test extra (again only
@@ -36,7 +41,8 @@ DOCKERD_LOG="$CACHE/dockerd.log"
 DOCKERD_PIDFILE="$CACHE/dockerd.pid"
 DAEMON_JSON=/etc/docker/daemon.json
 PLATFORM_OVERRIDE="${MCP_CODEEXEC_RUNSC_PLATFORM:-}"
-PLATFORM="${PLATFORM_OVERRIDE:-ptrace}"
+CONSTANTS="$ROOT/src/mcp_codeexec/constants.py"
+USER_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/mcp-codeexec"
 IMAGE_SOURCE="${MCP_CODEEXEC_IMAGE_SOURCE:-auto}"
 DOCKERD_TIMEOUT=60
 
@@ -93,7 +99,6 @@ find_cmd() {
 # ls and stat fail with EINVAL inside the sandbox. Bookworm's own runsc is
 # release 2022-12-19; bookworm-backports has 2024-07-29, which works. So on
 # bookworm, runsc comes from backports (MCP_CODEEXEC_RUNSC_BACKPORTS=0: don't).
-RUNSC_MIN_RELEASE=20240101
 USE_BACKPORTS="${MCP_CODEEXEC_RUNSC_BACKPORTS:-1}"
 CODENAME="$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")"
 BACKPORTS_SOURCES=/etc/apt/sources.list.d/mcp-codeexec-backports.sources
@@ -127,6 +132,7 @@ if ! command -v python3 >/dev/null; then
     notes+=("installed python3 python3-venv")
 fi
 
+RUNSC_MIN_RELEASE="$(python3 "$CONSTANTS" RUNSC_MIN_RELEASE)"
 missing=()
 { find_cmd dockerd && find_cmd docker; } >/dev/null || missing+=(docker.io)
 find_cmd debootstrap >/dev/null || missing+=(debootstrap)
@@ -210,58 +216,28 @@ docker_has_runsc() {
 }
 
 # ------------------------------------------------------- 2. daemon.json
-# Prints "changed" or "unchanged". Never drops other settings; refuses to
-# touch a file that is not valid JSON.
-merge_daemon_json() {
-    "${SUDO[@]}" python3 - "$DAEMON_JSON" "$RUNSC" "$PLATFORM" "$PLATFORM_OVERRIDE" <<'PY'
-import json, os, shutil, sys, tempfile
-
-path, runsc, platform, override = sys.argv[1:5]
-try:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-except FileNotFoundError:
-    text = ""
-try:
-    cfg = json.loads(text) if text.strip() else {}
-except ValueError as e:
-    sys.exit(f"{path} is not valid JSON ({e}); fix it by hand")
-if not isinstance(cfg, dict):
-    sys.exit(f"{path} does not hold a JSON object; fix it by hand")
-before = json.dumps(cfg, sort_keys=True)
-
-runtimes = cfg.setdefault("runtimes", {})
-entry = runtimes.setdefault("runsc", {})
-if not (isinstance(entry.get("path"), str) and os.access(entry["path"], os.X_OK)):
-    entry["path"] = runsc
-args = [a for a in entry.get("runtimeArgs", []) if isinstance(a, str)]
-if "--network=none" not in args:
-    args.append("--network=none")
-has_platform = any(a.startswith("--platform=") for a in args)
-if override or not has_platform:
-    args = [a for a in args if not a.startswith("--platform=")]
-    args.append(f"--platform={platform}")
-entry["runtimeArgs"] = args
-
-if json.dumps(cfg, sort_keys=True) == before:
-    print("unchanged")
-    sys.exit(0)
-d = os.path.dirname(path)
-os.makedirs(d, exist_ok=True)
-backup = path + ".before-mcp-codeexec"
-if text.strip() and not os.path.exists(backup):
-    shutil.copy2(path, backup)  # the original, before our first change
-fd, tmp = tempfile.mkstemp(dir=d, prefix=".daemon.json.")
-with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(cfg, f, indent=2)
-    f.write("\n")
-os.chmod(tmp, 0o644)
-os.replace(tmp, path)
-print("changed")
-PY
-}
+# The platform: the override, or the fastest by measurement (cached: the probe
+# takes up to a minute where KVM hangs).
+if [[ -n "$PLATFORM_OVERRIDE" ]]; then
+    PLATFORM="$PLATFORM_OVERRIDE"
+    summary_platform="$PLATFORM (MCP_CODEEXEC_RUNSC_PLATFORM)"
+else
+    mkdir -p "$USER_CACHE"
+    key="$(runsc_release "$RUNSC" || true)-$(uname -r)-$([[ -e /dev/kvm ]] && echo kvm || echo nokvm)"
+    choice_file="$USER_CACHE/runsc-platform.$key"
+    if [[ ! -s "$choice_file" ]]; then
+        say "timing the gVisor platforms this host supports (once per runsc release and kernel)"
+        "${SUDO[@]}" python3 "$ROOT/src/mcp_codeexec/platforms.py" "$RUNSC" >"$choice_file.tmp" 2>>"$LOG" \
+            || { rm -f "$choice_file.tmp"; die "no gVisor platform works here (see $LOG)"; }
+        mv "$choice_file.tmp" "$choice_file"
+    fi
+    IFS=$'\t' read -r PLATFORM why <"$choice_file"
+    summary_platform="$PLATFORM, $why"
+fi
 command -v python3 >/dev/null || die "python3 not found"
-daemon_json_state="$(merge_daemon_json)" || die "could not update $DAEMON_JSON"
+# Prints unchanged, reload (runtimes changed) or restart (experimental added).
+daemon_json_state="$("${SUDO[@]}" python3 "$ROOT/scripts/daemon_json.py" "$DAEMON_JSON" "$RUNSC" "$PLATFORM" "$PLATFORM")" \
+    || die "could not update $DAEMON_JSON"
 summary_json="$daemon_json_state"
 
 # ------------------------------------------------------------- 3. dockerd
@@ -287,17 +263,9 @@ dockerd_pid() {
     pidof dockerd 2>/dev/null | awk '{ print $1 }'
 }
 
-if docker_ok; then
-    summary_dockerd="running"
-elif [[ "$(id -u)" -ne 0 ]] && sudo -n "${DOCKER_CMD[@]}" version >/dev/null 2>&1; then
-    die "dockerd runs but $(id -un) may not use it: add the user to the docker group (or run as root)"
-elif systemd_is_init; then
-    logged "systemctl start docker" "${SUDO[@]}" systemctl start docker
-    wait_for_docker ""
-    summary_dockerd="started by systemd"
-else
-    # Own session, no inherited descriptors (not the lock, not the caller's
-    # stdout: serve.sh's stdout is an MCP stream).
+# Own session, no inherited descriptors (not the lock, not the caller's
+# stdout: serve.sh's stdout is an MCP stream).
+start_dockerd() {
     printf '\n===== %s starting %s\n' "$(date '+%F %T')" "$DOCKERD" >>"$DOCKERD_LOG"
     DOCKERD_LOG_MARK=$(wc -l <"$DOCKERD_LOG")
     "${SUDO[@]}" setsid "$DOCKERD" </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
@@ -310,10 +278,41 @@ else
         echo "$pid" >"$MCP_CODEEXEC_DOCKERD_STARTED_FILE"
     fi
     summary_dockerd="started (pid $pid, log .cache/dockerd.log)"
+}
+
+if docker_ok; then
+    summary_dockerd="running"
+    # It read daemon.json before this run changed it.
+    if [[ "$daemon_json_state" == restart ]]; then
+        if systemd_is_init; then
+            logged "systemctl restart docker" "${SUDO[@]}" systemctl restart docker
+            wait_for_docker ""
+            summary_dockerd="restarted by systemd (daemon.json: experimental)"
+        else
+            pid="$(dockerd_pid)"
+            [[ -n "$pid" ]] || die "cannot find dockerd's pid to restart it"
+            "${SUDO[@]}" kill -TERM "$pid"
+            deadline=$((SECONDS + DOCKERD_TIMEOUT))
+            while [[ -d "/proc/$pid" ]]; do
+                ((SECONDS < deadline)) || die "dockerd (pid $pid) did not stop within ${DOCKERD_TIMEOUT}s"
+                sleep 0.5
+            done
+            start_dockerd
+            summary_dockerd="re${summary_dockerd} (daemon.json: experimental)"
+        fi
+    fi
+elif [[ "$(id -u)" -ne 0 ]] && sudo -n "${DOCKER_CMD[@]}" version >/dev/null 2>&1; then
+    die "dockerd runs but $(id -un) may not use it: add the user to the docker group (or run as root)"
+elif systemd_is_init; then
+    logged "systemctl start docker" "${SUDO[@]}" systemctl start docker
+    wait_for_docker ""
+    summary_dockerd="started by systemd"
+else
+    start_dockerd
 fi
 
-# A daemon that was already running reads daemon.json again on SIGHUP.
-if ! docker_has_runsc; then
+# A daemon that was already running reads changed runtimes again on SIGHUP.
+if [[ "$daemon_json_state" == reload && "$summary_dockerd" == running ]] || ! docker_has_runsc; then
     if systemd_is_init; then
         logged "systemctl reload docker" "${SUDO[@]}" systemctl reload docker
     else
@@ -430,6 +429,7 @@ fi
 
 say "packages: $summary_pkgs"
 for n in "${notes[@]}"; do say "$n"; done
+say "gVisor platform: $summary_platform"
 say "daemon.json: $summary_json"
 say "dockerd: $summary_dockerd"
 say "image: $summary_image"

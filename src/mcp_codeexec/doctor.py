@@ -26,12 +26,12 @@ import docker
 import docker.errors
 
 from mcp_codeexec.config import Settings, format_size, parse_size
+from mcp_codeexec.constants import RUNSC_MIN_RELEASE
 from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.deployment.image import INPUTS_LABEL, ManifestUnavailable, read_manifest
 
 SETUP = "scripts/setup.sh (in the mcp-codeexec repository)"
 BUILD = "sandbox/build.sh (in the mcp-codeexec repository)"
-RUNSC_MIN_RELEASE = 20240101  # older gVisor fails coreutils' ls/stat with EINVAL
 
 
 @dataclass

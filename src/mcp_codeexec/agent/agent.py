@@ -17,31 +17,39 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import codecs
 import functools
 import os
 import resource
 import signal
 import socket
-import stat
 import struct
-import subprocess
 import sys
 import time
 from typing import Any
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.editor import Editor, EditorError
-from mcp_codeexec.agent.process import CappedBuffer, as_sandbox_user, kill_tree, kill_user_processes, privileged, spawn
+from mcp_codeexec.agent.process import (
+    CHILD_FD,
+    CappedBuffer,
+    Launcher,
+    as_sandbox_user,
+    kill_tree,
+    kill_user_processes,
+    output_events,
+    privileged,
+    pump,
+    read_some,
+    within,
+)
 from mcp_codeexec.agent.repl import Repl
 from mcp_codeexec.agent.toolchannel import ENV as TOOLS_ENV
 from mcp_codeexec.agent.toolchannel import Tools, client_env, install_client
-from mcp_codeexec.agent.watch import RECENT_SCAN_LIMIT, Watcher, recent_files
+from mcp_codeexec.agent.watch import OutputFiles
 
 # After the shell exits, how long to keep reading pipes that background children still
 # hold open before returning (their later output is dropped).
 _DRAIN_AFTER_EXIT = 0.2
-_CHUNK = 65536
 _ARGV_MAX = 100_000
 # A server that stops reading its replies: past this many unsent bytes its connection is
 # dropped rather than grow the agent's memory.
@@ -80,23 +88,32 @@ class Connection:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=p.MAX_FRAME)
-        read_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.in_fd, "rb", buffering=0)
-        )
         self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(self.out_fd, "wb", buffering=0))
         decoder = p.FrameDecoder()
+        ended = loop.create_future()
+
+        def readable() -> None:  # requests are read straight from the event loop (no stream objects)
+            chunk = read_some(self.in_fd)
+            try:
+                if chunk:
+                    for message in decoder.feed(chunk):
+                        self.dispatch(message)
+                    return
+            except p.ProtocolError:
+                pass  # a server that speaks garbage is dropped
+            if chunk is not None and not ended.done():
+                ended.set_result(None)
+
+        os.set_blocking(self.in_fd, False)
+        loop.add_reader(self.in_fd, readable)
         try:
-            while chunk := await reader.read(_CHUNK):
-                for message in decoder.feed(chunk):
-                    self.dispatch(message)
-        except p.ProtocolError:
-            pass  # a server that speaks garbage is dropped
+            await ended
         finally:
             # The server went away: what it started dies with its connection.
             for task in list(self.tasks.values()):
                 task.cancel()
-            read_transport.close()
+            loop.remove_reader(self.in_fd)
+            os.close(self.in_fd)
             self.transport.close()
             self.sock.close()
 
@@ -132,32 +149,11 @@ class Agent:
         self.editor = Editor(root=root, workdir=os.getcwd())
         self.listener = listener
         self.connections: dict[Connection, asyncio.Task[None]] = {}
-        self.in_flight = 0
-        self.children: dict[int, tuple[subprocess.Popen[bytes], asyncio.Future[int]]] = {}
-        self.repl = Repl(self)  # the persistent Python interpreter, started on first use
-        self.events: list[str] = []  # files written, in order; events_base counts dropped ones
-        self.events_base = 0
-        self.overflows = 0  # how often the watcher lost events
+        self.launcher = Launcher()
+        self.outputs = OutputFiles(self.editor.root)
+        self.repl = Repl(self.launcher, self.outputs)  # the persistent Python interpreter, started on first use
+        self.env = dict(os.environ)  # what every command starts with, before the request's own
         self.tools: Tools | None = None  # programmatic tool calling, when the server offers it
-        try:
-            self.watcher: Watcher | None = Watcher(self.editor.root)
-        except OSError:
-            self.watcher = None  # no inotify: commands report no output files
-
-    def reap(self) -> None:
-        """On SIGCHLD: collect our commands' exit codes without blocking. A signal handler
-        instead of a waiter thread per command: threads are costly under gVisor's ptrace
-        platform, and this keeps the agent single-threaded while commands run."""
-        for pid, (proc, exited) in list(self.children.items()):
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 0
-            if done:
-                del self.children[pid]
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                if not exited.done():
-                    exited.set_result(proc.returncode)
 
     def connect(self, sock: socket.socket, in_fd: int, out_fd: int) -> None:
         if len(self.connections) >= _MAX_CONNECTIONS:
@@ -200,7 +196,6 @@ class Agent:
         os.execv(sys.executable, sys.orig_argv)  # the loader's own command line
 
     async def handle(self, call: Call, request: p.Request) -> None:
-        self.in_flight += 1
         try:
             if isinstance(request, p.Ping):
                 reply: Any = p.PingResult(p.PROTOCOL_VERSION, sys.version.split()[0], os.getpid(), os.getuid())
@@ -220,9 +215,9 @@ class Agent:
             return
         except Exception as exc:  # report, never die: one bad call must not end the agent
             reply = p.Failure("internal", f"{type(exc).__name__}: {exc}")
-        finally:
-            self.in_flight -= 1
         call.send(reply)
+        if isinstance(request, (p.Exec, p.Repl)):
+            self.launcher.warm()  # the spawner, for the next call (after this one's reply)
 
     def edit(self, request: p.Edit) -> p.EditResult | p.Failure:
         with as_sandbox_user():
@@ -255,106 +250,29 @@ class Agent:
         except EditorError as exc:
             return p.Failure(exc.code, exc.message)
 
-    def written_files(self, mark: tuple[int, int], started: float) -> tuple[list[list[Any]], str]:
-        """([path, size] of regular files written since `mark` (from event_mark), a note
-        for the caller if that list may be incomplete). When the watcher lost events while
-        the call ran (its queue overflowed, or a directory could not be watched), the
-        workspace is searched for files modified since `started` (a wall clock time)
-        instead, and the watcher is rebuilt."""
-        if self.watcher is None:
-            return [], ""
-        since, overflows = mark
-        self._take_events()
-        if self.overflows != overflows:
-            found, complete = recent_files(self.editor.root, started)
-            note = (
-                "more files changed than the file watcher could follow; output files were found by modification time"
-                + ("" if complete else f" among the first {RECENT_SCAN_LIMIT} entries of the workspace only")
-            )
-            return found, note
-        paths = dict.fromkeys(self.events[since - self.events_base :])
-        found = []
-        for path in paths:
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError:
-                continue  # written, then removed or renamed
-            if stat.S_ISREG(st.st_mode):
-                found.append([path, st.st_size])
-        return found, ""
-
-    def _take_events(self) -> None:
-        """Move the watcher's events into self.events; after a loss, count it and start a
-        fresh watcher (the old one's watches may miss new directories)."""
-        assert self.watcher is not None
-        self.events.extend(self.watcher.drain())
-        if self.watcher.overflowed:
-            self.overflows += 1
-            self.watcher.close()
-            self.watcher = Watcher(self.editor.root)
-
-    def event_mark(self) -> tuple[int, int]:
-        """Where a call starts: (file events seen so far, watcher overflows so far). A
-        call's files are the events after its mark."""
-        if self.watcher is None:
-            return 0, 0
-        self._take_events()
-        if self.in_flight <= 1 or len(self.events) > 100_000:  # only this call runs: drop the old ones
-            self.events_base += len(self.events)
-            self.events.clear()
-        return self.events_base + len(self.events), self.overflows
-
-    def spawn(self, argv: list[str], **kwargs: Any) -> tuple[subprocess.Popen[bytes], asyncio.Future[int]]:
-        """Start a child as the sandbox user, in its own session (kill_tree's unit); the
-        future gets its exit code."""
-        proc = spawn(argv, **kwargs)
-        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.children[proc.pid] = (proc, exited)
-        self.reap()  # it may have exited before it was registered
-        return proc, exited
-
-    async def pump(self, call: Call, name: str, pipe: Any, buffer: CappedBuffer, stream: bool) -> None:
-        """Read one output pipe to its end into `buffer` (and Output events if streaming)."""
-        reader = asyncio.StreamReader(limit=_CHUNK)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        try:
-            while chunk := await reader.read(_CHUNK):
-                buffer.add(chunk)
-                if stream:
-                    call.send(p.Output(name, decoder.decode(chunk)))
-        finally:
-            transport.close()
-
     async def run(self, call: Call, request: p.Exec) -> p.ExecResult:
-        started, wall = time.monotonic(), time.time()
-        mark = self.event_mark()
-        # Popen, not asyncio's subprocess: asyncio's wait() also waits for the pipes to
-        # close, so a background child holding stdout would hold the call.
+        with self.outputs.tracking() as mark:
+            return await self._run(call, request, mark)
+
+    async def _run(self, call: Call, request: p.Exec, mark: tuple[int, int, float]) -> p.ExecResult:
+        started = time.monotonic()
         argv, script_fd = ["bash", "-c", request.command], None
         if len(request.command) > _ARGV_MAX:
             # Too long for one argv string (the kernel caps each at 128 KiB): source it from
             # an in-memory file instead.
             script_fd = os.memfd_create("command")
             os.write(script_fd, request.command.encode("utf-8", "surrogateescape"))
-            argv = ["bash", "-c", f". /proc/self/fd/{script_fd}"]
-        notice = ""
+            argv = ["bash", "-c", f". /proc/self/fd/{CHILD_FD}"]
         # The command's tool channel (toolchannel.py), closed when the command ends.
         door = self.tools.door(call) if request.tools and self.tools is not None else None
-        env = {**os.environ, **request.env, **({TOOLS_ENV: door.name} if door else {})}
+        env = {**self.env, **request.env, **({TOOLS_ENV: door.name} if door else {})} if request.env or door else self.env
+        notice = ""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             for attempt in (1, 2):
                 try:
-                    proc, exited = self.spawn(
-                        argv,
-                        pass_fds=(script_fd,) if script_fd is not None else (),
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        cwd=request.cwd,
-                        env=env,
-                    )
+                    child = await self.launcher.spawn(argv, stdout=out_w, stderr=err_w, cwd=request.cwd, env=env, extra_fd=script_fd)
                     break
                 except BlockingIOError:
                     if attempt == 2:
@@ -362,44 +280,47 @@ class Agent:
                     # The process limit is full, most likely of what earlier commands left
                     # running in the background (a fork bomb): clear the sandbox and retry.
                     kill_user_processes()
-                    await asyncio.sleep(0.3)  # for PID 1 to reap them
+                    await asyncio.sleep(0.3)  # for them to be reaped
                     notice = (
                         "[mcp-codeexec] the sandbox's process limit was full; every process left running by earlier "
                         "commands was killed to run this one\n"
                     )
         except OSError as exc:  # still EAGAIN, or ENOMEM: no memory
+            for fd in (out_r, err_r):
+                os.close(fd)
             if door is not None:
                 door.close()
             message = f"mcp-codeexec: cannot start bash: {exc.strerror or exc} (the sandbox's process or memory limit is reached)\n"
             return p.ExecResult("", message, 126, False, False, 0, len(message), time.monotonic() - started)
         finally:
-            if script_fd is not None:
-                os.close(script_fd)
+            for fd in (out_w, err_w) if script_fd is None else (out_w, err_w, script_fd):
+                os.close(fd)
         buffers = {"stdout": CappedBuffer(request.max_output), "stderr": CappedBuffer(request.max_output)}
         pumps = [
-            asyncio.create_task(self.pump(call, name, pipe, buffers[name], request.stream))
-            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
+            pump(fd, buffers[name], output_events(call, name) if request.stream else None)
+            for name, fd in (("stdout", out_r), ("stderr", err_r))
         ]
+        self.launcher.watch(child, pumps)
         timed_out = cancelled = False
         try:
-            await asyncio.wait_for(asyncio.shield(exited), request.timeout)
-            # Background children may still hold the pipes: give them a moment, then stop.
-            await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
-        except TimeoutError:
-            timed_out = True
+            if await within([child.exited], request.timeout):
+                # Background children may still hold the pipes: give them a moment, then stop.
+                await within(pumps, _DRAIN_AFTER_EXIT)
+            else:
+                timed_out = True
         except asyncio.CancelledError:
             cancelled = True
         finally:
             if timed_out or cancelled:
-                kill_tree(proc.pid)
-                await exited
-                await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
-            for task in pumps:
-                task.cancel()
+                kill_tree(child.pid)
+                await self.launcher.killed(child)
+                await within(pumps, _DRAIN_AFTER_EXIT)
+            for future in pumps:
+                future.cancel()
             if door is not None:
                 door.close()
-        code = exited.result()
-        files, files_note = self.written_files(mark, wall)
+        code = child.exited.result()
+        files, files_note = self.outputs.written(mark)
         result = p.ExecResult(
             stdout=buffers["stdout"].text("stdout"),
             stderr=notice + buffers["stderr"].text("stderr"),
@@ -454,8 +375,7 @@ LISTEN_FD_ENV = "MCP_CODEEXEC_LISTEN_FD"  # the loader takes its listening socke
 
 
 async def _serve(agent: Agent, listener: socket.socket, first: tuple[socket.socket, int, int]) -> None:
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGCHLD, agent.reap)
+    agent.launcher.start()
     agent.connect(*first)
     await agent.accept(listener)
 
@@ -474,11 +394,13 @@ def main(listener: socket.socket, first: tuple[socket.socket, int, int], config:
     if privileged():
         os.setgroups([])  # threads acting as the user must not carry root's groups
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    agent = Agent(str(config["root"]), listener)
+    tools = None
     if config.get("tools"):
-        try:
+        try:  # before the agent copies the environment commands start with
             os.environ.update(client_env(install_client(str(config["tool_client"]))))
-            agent.tools = Tools()
+            tools = Tools()
         except OSError as exc:  # /tmp full: commands run, tool calls say there is no channel
             print(f"mcp-codeexec agent: no tool client: {exc}", file=sys.stderr)
+    agent = Agent(str(config["root"]), listener)
+    agent.tools = agent.repl.tools = tools
     asyncio.run(_serve(agent, listener, first))

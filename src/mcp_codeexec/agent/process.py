@@ -15,15 +15,24 @@ is still not the user's to signal: the kernel compares against the real and save
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import ctypes
+import errno
+import marshal
 import os
 import platform
 import signal
+import socket
+import struct
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from mcp_codeexec.agent import protocol as p
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -169,6 +178,18 @@ def _stop_then_kill(pids: set[int]) -> None:
                 pass
 
 
+def _group_is_users(pgid: int) -> bool:
+    """Whether stopping process group `pgid` as a whole is safe: not PID 1's or ours, and
+    its leader, if it still runs, is not root's. (The pid comes from the spawner, which
+    the user controls: it must not make the agent stop its own group.)"""
+    if pgid in (1, os.getpid(), os.getpgrp()):
+        return False
+    try:
+        return os.stat(f"/proc/{pgid}").st_uid != 0
+    except OSError:
+        return True  # the leader is gone; what is left of its group is the user's
+
+
 def kill_tree(root: int) -> None:
     """Kill the process `root`'s session and every descendant (also those that left the
     session). Each round stops them all before killing, so a fork bomb cannot outrun it;
@@ -180,10 +201,11 @@ def kill_tree(root: int) -> None:
         # Stop (not kill) the process group in one atomic step, so a fork bomb in it cannot
         # outrun us. Killing it here would orphan the children that left the group (setsid)
         # before the table below is read: adopted by PID 1, they would escape.
-        try:
-            os.killpg(root, signal.SIGSTOP)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if _group_is_users(root):
+            try:
+                os.killpg(root, signal.SIGSTOP)
+            except (ProcessLookupError, PermissionError):
+                pass
         table = _proc_table()
         doomed = _descendants(table, {pid for pid, _, sid, _ in table if sid == root} | {root})
         alive = doomed & _killable(table) - {me, 1}
@@ -206,8 +228,530 @@ def kill_user_processes() -> None:
         time.sleep(0.02)
 
 
-def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start a child as the sandbox user in its own session (kill_tree's unit)."""
-    # No preexec_fn: it would force fork() over vfork(). (Changing the uid forces fork()
-    # anyway in CPython 3.11; bench/ measures what that costs per call.)
-    return subprocess.Popen(argv, start_new_session=True, **user_spawn_options(), **kwargs)
+# --- starting the user's processes ------------------------------------------------------
+
+# In an argument of spawn(), stands for the number the extra fd has in the child (no
+# argument can contain a NUL byte, so this cannot clash with a real one).
+CHILD_FD = "\0fd"
+_CHUNK = 65536
+_READ_BUFFER = bytearray(_CHUNK)  # the event loop's thread reads every pipe through it
+_READ_VIEW = memoryview(_READ_BUFFER)
+_PR_SET_CHILD_SUBREAPER = 36
+_SPAWNER_ANSWER = 1.0  # seconds the spawner has to answer a spawn request
+_SPAWNER_REPORT = 0.5  # seconds it has to report an exit once the child's outputs closed
+_SPAWNER_RESTART = 1.0  # at most one new spawner per this many seconds
+_MAX_REQUEST = 1 << 20  # a larger request (a huge environment) takes the direct path
+_KILLED = -signal.SIGKILL
+_UNCLAIMED = 256
+_CLAIM_TRIES = 5  # 50 ms apart
+
+# The spawner: a small Python process of the sandbox user, started once per sandbox. The
+# agent (root) could only start a uid-1000 command with fork() + setuid(), and under
+# gVisor's ptrace platform a fork of the agent costs a copy of its whole address space;
+# the spawner needs no identity change, so it starts commands with posix_spawn (vfork),
+# at the cost of any process starting another. It runs as `python3 -I -S -c SPAWNER <fd>`
+# on one end of a SOCK_SEQPACKET pair. A request is one message: marshal of
+# (number, cwd, argv, env), with fds for the child's 0, 1, 2 (and 3) as SCM_RIGHTS. Every
+# answer is 12 bytes (kind, request number, value): READY once, then SPAWNED (pid) or
+# FAILED (errno) per request, and EXITED (wait status) when that child ends. It is the
+# user's process: the agent checks its answers like any input, kills it when it stops
+# answering, and starts another (the agent is the children's subreaper, so a command whose
+# spawner died is still reaped, and its status known, by the agent).
+READY, SPAWNED, FAILED, EXITED = 1, 2, 3, 4
+_ANSWER = struct.Struct("=iii")
+# Its command line stays short (ps shows it): the code comes as the first message.
+_SPAWNER_BOOT = "import socket, sys; sock = socket.socket(fileno=int(sys.argv[1])); exec(sock.recv(1 << 16))"
+SPAWNER = r"""
+import marshal, os, signal, struct
+os.set_inheritable(sock.fileno(), False)
+# Its 0, 1, 2 become a directory: what the user opens through /proc/<pid>/fd/N cannot be
+# written (a /dev/null could: a flood into it would only burn the sandbox's CPU).
+root = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+for fd in (0, 1, 2):
+    os.dup2(root, fd, inheritable=False)
+os.close(root)
+answer = struct.Struct("=iii").pack
+buf = bytearray(%(size)d + 1)
+ancillary = socket.CMSG_SPACE(4 * 4)
+dup2 = os.POSIX_SPAWN_DUP2
+defaults = (signal.SIGPIPE, signal.SIGXFSZ)  # ignored by Python; a command gets them at default
+running = {}  # pid -> request number
+early = {}  # pid -> status, for a child that ended before it was entered in running
+
+def send(kind, number, value):
+    try:
+        sock.send(answer(kind, number, value))
+    except OSError:
+        os._exit(0)  # the agent is gone
+
+def reap(*_):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        number = running.pop(pid, None)
+        if number is None:
+            early[pid] = status
+        else:
+            send(%(exited)d, number, status)
+
+def spawn(argv, env, fds):
+    actions = [(dup2, fd, i) for i, fd in enumerate(fds)]
+    name, error = argv[0], FileNotFoundError(2, "No such file or directory")
+    paths = [name] if "/" in name else [os.path.join(d or ".", name) for d in (env.get("PATH") or os.defpath).split(":")]
+    for path in paths:  # as subprocess does: the child's PATH
+        if os.access(path, os.X_OK):
+            try:
+                return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=defaults)
+            except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+                error = e
+    raise error
+
+signal.signal(signal.SIGCHLD, reap)
+send(%(ready)d, 0, os.getpid())
+while True:
+    n, anc, flags, _ = sock.recvmsg_into([buf], ancillary, socket.MSG_CMSG_CLOEXEC)
+    if not n:
+        os._exit(0)
+    fds = []
+    for level, kind, data in anc:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, len(data) - 3, 4)]
+    number = 0
+    try:
+        number, cwd, argv, env = marshal.loads(memoryview(buf)[:n])
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) < 3:
+            raise OSError(7, "request too large")
+        if cwd:
+            os.chdir(cwd)
+        pid = spawn(argv, env, fds)
+        running[pid] = number
+        send(%(spawned)d, number, pid)
+        status = early.pop(pid, None)
+        if status is not None and running.pop(pid, None) is not None:
+            send(%(exited)d, number, status)
+    except OSError as e:
+        send(%(failed)d, number, e.errno or 5)
+    except Exception:
+        send(%(failed)d, number, 22)
+    finally:
+        for fd in fds:
+            os.close(fd)
+""" % {"size": _MAX_REQUEST, "ready": READY, "spawned": SPAWNED, "failed": FAILED, "exited": EXITED}
+
+
+class Child:
+    """A started process: its pid and a future for its exit code (negative: killed by
+    that signal, as Popen.returncode)."""
+
+    __slots__ = ("pid", "exited")
+
+    def __init__(self, pid: int, exited: asyncio.Future[int]) -> None:
+        self.pid = pid
+        self.exited = exited
+
+
+class _Request:
+    __slots__ = ("spawned", "exited", "pid", "abandoned", "watermark", "sent")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, watermark: int) -> None:
+        self.spawned: asyncio.Future[int] = loop.create_future()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.pid = 0
+        self.watermark = watermark  # the newest pid started before it: its child's is higher
+        self.sent = time.monotonic()
+        self.abandoned = False  # its call was cancelled before the answer: kill what it started
+
+
+class SpawnerBroken(Exception):
+    """The request never reached the spawner: safe to start the command another way."""
+
+
+class _Spawner:
+    """The agent's end of one spawner process."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self.loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _MAX_REQUEST + 65536)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SPAWNER_BOOT, str(theirs.fileno()), "mcp-codeexec-spawner"],
+                pass_fds=(theirs.fileno(),),
+                stdin=launcher.devnull,
+                stdout=launcher.devnull,
+                stderr=launcher.devnull,
+                cwd="/",
+                start_new_session=True,
+                **user_spawn_options(),
+            )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.send(SPAWNER.encode())
+        mine.setblocking(False)
+        self.sock = mine
+        self.ready = False
+        self.gone = False
+        self.number = 0
+        self.requests: dict[int, _Request] = {}
+        self.loop.add_reader(mine.fileno(), self._readable)
+
+    async def spawn(self, argv: list[str], fds: list[int], cwd: str | None, env: dict[str, str]) -> Child:
+        self.number += 1
+        number = self.number
+        message = marshal.dumps((number, cwd or "", argv, env))
+        if len(message) > _MAX_REQUEST:
+            raise SpawnerBroken("request too large")
+        try:
+            socket.send_fds(self.sock, [message], fds)
+        except OSError as exc:  # full (it stopped reading) or gone: nothing was delivered
+            self.stop()
+            raise SpawnerBroken(str(exc)) from exc
+        request = self.requests[number] = _Request(self.loop, self.launcher.last_pid)
+        try:
+            if not await within([request.spawned], _SPAWNER_ANSWER):
+                # Stopped (the user can), or starved: kill it. Its child, if it made one, is
+                # claimed among the orphans; if it made none, SpawnerBroken: start directly.
+                self.stop()
+                await within([request.spawned], None)
+            pid = request.spawned.result()
+        except BaseException:
+            request.abandoned = True
+            self._settle(number)
+            raise
+        return Child(pid, request.exited)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.stop()
+            return
+        if len(data) != _ANSWER.size:
+            return  # not an answer: ignored
+        kind, number, value = _ANSWER.unpack(data)
+        if kind == READY:
+            self.ready = True
+            return
+        request = self.requests.get(number)
+        if request is None:
+            return
+        if kind == SPAWNED and not request.spawned.done():
+            if value <= 1 or value in self.launcher.running:  # not a new process of ours
+                request.spawned.set_exception(OSError(errno.EIO, f"the process spawner answered pid {value}"))
+            else:
+                request.pid = value
+                self.launcher.last_pid = max(self.launcher.last_pid, value)
+                request.spawned.set_result(value)
+                if not request.exited.done():
+                    self.launcher.running[value] = (None, request.exited)
+                if request.abandoned and _group_is_users(value):
+                    try:
+                        os.killpg(value, signal.SIGKILL)
+                    except OSError:
+                        pass
+        elif kind == FAILED and not request.spawned.done():
+            value = value if 0 < value < 4096 else errno.EIO
+            request.spawned.set_exception(OSError(value, os.strerror(value)))
+        elif kind == EXITED and not request.exited.done():
+            try:
+                code = os.waitstatus_to_exitcode(value)
+            except ValueError:
+                return
+            request.exited.set_result(code)
+            if request.pid:
+                self.launcher.running.pop(request.pid, None)
+        self._settle(number)
+
+    def _settle(self, number: int) -> None:
+        request = self.requests.get(number)
+        if request is not None and request.spawned.done() and (request.exited.done() or request.spawned.exception()):
+            del self.requests[number]
+
+    def stop(self) -> None:
+        """Kill it (it died, stopped answering, or lied) and settle what it owes: requests
+        without an answer fail; children it started, now ours, are reaped by the agent."""
+        if self.gone:
+            return
+        self.gone = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        try:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        orphans = []
+        unanswered = [r for r in self.requests.values() if not r.spawned.done()]
+        for request in self.requests.values():
+            if len(unanswered) == 1 and request is unanswered[0] and not request.abandoned:
+                # Killed right after it started this one (`kill -9 -1` in the command itself
+                # can win that race): find the child among the orphans it left us.
+                self.launcher.claim(request, self.proc.pid, _CLAIM_TRIES)
+            elif not request.spawned.done():
+                request.spawned.set_exception(OSError(errno.EIO, "the process spawner exited before it answered"))
+                if request.abandoned:
+                    request.spawned.exception()  # nobody waits for it: retrieved here
+            elif request.pid and not request.exited.done():
+                orphans.append(request.pid)
+        self.requests.clear()
+        self.launcher.spawner_gone(self, orphans)
+
+
+class Launcher:
+    """Starts the user's processes (as the sandbox user, each in a session of its own:
+    kill_tree's unit, stdin /dev/null) and learns how they end. Through the spawner when
+    one is ready, else directly (fork + setuid as root; vfork when the agent is not root)."""
+
+    def __init__(self) -> None:
+        self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        # pid -> (its Popen if a direct child, the future for its exit code)
+        self.running: dict[int, tuple[subprocess.Popen[bytes] | None, asyncio.Future[int]]] = {}
+        self.spawner: _Spawner | None = None
+        self.spawner_started = -_SPAWNER_RESTART
+        self.cwd = os.getcwd()  # the agent's, where a child starts unless told otherwise
+        self.last_pid = 0  # the newest child's pid
+        self.unclaimed: dict[int, tuple[int, float]] = {}  # the latest orphans reaped: exit code, when (bounded)
+
+    def start(self) -> None:
+        """In the running loop: reap on SIGCHLD; as root, become the subreaper of what the
+        user starts (so nothing the spawner started is lost with it)."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        if privileged():
+            _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    def warm(self) -> None:
+        """Start a spawner if none runs (at most one per _SPAWNER_RESTART seconds: one the
+        user keeps killing costs the agent little). Called between calls, off their path."""
+        if not privileged() or self.spawner is not None:
+            return
+        now = time.monotonic()
+        if now - self.spawner_started < _SPAWNER_RESTART:
+            return
+        self.spawner_started = now
+        try:
+            self.spawner = _Spawner(self)
+        except OSError:
+            self.spawner = None  # the process limit is full: direct starts meanwhile
+        else:
+            self.running[self.spawner.proc.pid] = (self.spawner.proc, asyncio.get_running_loop().create_future())
+
+    def spawner_gone(self, spawner: _Spawner, orphans: list[int]) -> None:
+        if self.spawner is spawner:
+            self.spawner = None
+        # Its children are ours now (subreaper) and reaped as they end; one it had reaped
+        # itself but not reported is gone for good: sweep() settles it as killed.
+        loop = asyncio.get_running_loop()
+        for delay in (0.05, 0.25, 1.0, 3.0):
+            loop.call_later(delay, self.sweep, orphans, delay == 3.0)
+
+    def sweep(self, pids: list[int], last: bool) -> None:
+        self.reap()
+        for pid in pids:
+            entry = self.running.get(pid)
+            if entry is None or entry[1].done():
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)  # ours: reap() settles it when it ends
+            except ChildProcessError:
+                if last or not os.path.exists(f"/proc/{pid}"):
+                    del self.running[pid]
+                    entry[1].set_result(_KILLED)  # its status is lost: reported as killed
+
+    def reap(self) -> None:
+        """On SIGCHLD: collect every ended child without blocking (ours, and orphans the
+        user's commands left, which come to us as their subreaper). A signal handler, not
+        a waiter thread per command: threads are costly under gVisor's ptrace platform."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            entry = self.running.pop(pid, None)
+            if entry is None:  # an orphan: kept a while, in case claim() looks for it
+                self.unclaimed[pid] = (os.waitstatus_to_exitcode(status), time.monotonic())
+                if len(self.unclaimed) > _UNCLAIMED:
+                    del self.unclaimed[next(iter(self.unclaimed))]
+                continue
+            proc, exited = entry
+            code = os.waitstatus_to_exitcode(status)
+            if proc is not None:
+                proc.returncode = code
+            if not exited.done():
+                exited.set_result(code)
+            spawner = self.spawner
+            if spawner is not None and proc is spawner.proc:
+                spawner.stop()
+
+    def claim(self, request: _Request, spawner: int, tries: int) -> None:
+        """Settle a request whose spawner died before answering: its child, if any, is the
+        one new session leader the spawner left us (alive, a zombie, or reaped); if there
+        is not exactly one, the request fails."""
+        if request.spawned.done():
+            return
+        self.reap()
+        me = os.getpid()
+        found: list[tuple[int, int | None]] = [
+            (pid, code) for pid, (code, when) in self.unclaimed.items() if pid > request.watermark and when > request.sent
+        ]
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) <= request.watermark or int(name) in self.running:
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) in (me, spawner) and int(fields[3]) == int(name):
+                found.append((int(name), None))
+        if not found and tries > 1:
+            asyncio.get_running_loop().call_later(0.05, self.claim, request, spawner, tries - 1)
+            return
+        if not found:  # it never started one: the request can go another way
+            request.spawned.set_exception(SpawnerBroken("the process spawner exited before it started anything"))
+            return
+        if len(found) > 1:
+            request.spawned.set_exception(OSError(errno.EIO, "the process spawner exited before it answered"))
+            return
+        pid, code = found[0]
+        request.pid = pid
+        self.last_pid = max(self.last_pid, pid)
+        if code is None:
+            self.running[pid] = (None, request.exited)
+            self.sweep([pid], last=False)
+        else:
+            del self.unclaimed[pid]
+            request.exited.set_result(code)
+        request.spawned.set_result(pid)
+
+    async def spawn(
+        self, argv: list[str], *, stdout: int, stderr: int, cwd: str | None, env: dict[str, str], extra_fd: int | None = None
+    ) -> Child:
+        """Start argv (a name looked up in env's PATH) with stdin /dev/null, stdout and
+        stderr on the given fds, and `extra_fd` as the child's fd CHILD_FD stands for.
+        Raises OSError as Popen does (BlockingIOError: the process limit is full)."""
+        spawner = self.spawner
+        if spawner is not None and spawner.ready:
+            fds = [self.devnull, stdout, stderr] + ([extra_fd] if extra_fd is not None else [])
+            try:
+                return await spawner.spawn([a.replace(CHILD_FD, "3") for a in argv], fds, cwd or self.cwd, env)
+            except SpawnerBroken:
+                pass
+        proc = subprocess.Popen(
+            [a.replace(CHILD_FD, str(extra_fd)) for a in argv],
+            pass_fds=(extra_fd,) if extra_fd is not None else (),
+            stdin=self.devnull,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            **user_spawn_options(),
+        )
+        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.running[proc.pid] = (proc, exited)
+        self.last_pid = max(self.last_pid, proc.pid)
+        return Child(proc.pid, exited)
+
+    def watch(self, child: Child, outputs: list[asyncio.Future[None]]) -> None:
+        """Once `outputs` (the child's pipes) are closed, its spawner has _SPAWNER_REPORT
+        seconds to report its exit, or is killed (stopped by the user?): the child is then
+        ours to reap. Timers only, nothing on the way of a call that goes well."""
+        loop = asyncio.get_running_loop()
+        left = [len(outputs)]
+
+        def overdue() -> None:
+            entry = self.running.get(child.pid)
+            if not child.exited.done() and entry is not None and entry[0] is None and self.spawner is not None:
+                self.spawner.stop()
+
+        def closed(_: asyncio.Future[None]) -> None:
+            left[0] -= 1
+            if not left[0] and not child.exited.done():
+                timer = loop.call_later(_SPAWNER_REPORT, overdue)
+                child.exited.add_done_callback(lambda _: timer.cancel())
+
+        for output in outputs:
+            output.add_done_callback(closed)
+
+    async def killed(self, child: Child, grace: float = 2.0) -> int:
+        """After kill_tree(child.pid): its exit code, within a bound. A spawner that does
+        not report it (stopped, or lying) is killed: the child is then ours to reap."""
+        for _ in range(2):
+            try:
+                return await asyncio.wait_for(asyncio.shield(child.exited), grace)
+            except TimeoutError:
+                if self.spawner is not None:
+                    self.spawner.stop()
+        self.running.pop(child.pid, None)
+        if not child.exited.done():
+            child.exited.set_result(_KILLED)
+        return child.exited.result()
+
+
+def read_some(fd: int) -> bytes | None:
+    """One read of `fd`: the bytes, b"" at its end (or on an error), None if nothing is
+    there yet. Through one buffer, not a fresh 64 KiB one per read (an mmap and munmap)."""
+    try:
+        n = os.readv(fd, [_READ_BUFFER])
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+    return bytes(_READ_VIEW[:n])
+
+
+async def within(futures: list[asyncio.Future[Any]], timeout: float | None) -> bool:
+    """Wait until `futures` are done, for at most `timeout` seconds, without cancelling
+    them; True if they are. (No task, no wrapper futures: fewer event-loop turns per call
+    than wait_for(shield(...)).)"""
+    if not all(f.done() for f in futures):
+        await asyncio.wait(futures, timeout=timeout)
+    return all(f.done() for f in futures)
+
+
+def output_events(call: Any, name: str) -> Callable[[bytes], None]:
+    """Sends each chunk of one output stream as an Output event on `call` (anything with
+    send()): progress while a long command or cell runs."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    return lambda chunk: call.send(p.Output(name, decoder.decode(chunk)))
+
+
+def pump(fd: int, buffer: CappedBuffer, on_chunk: Callable[[bytes], None] | None = None) -> asyncio.Future[None]:
+    """Read the pipe `fd` (taken over: closed at its end) into `buffer` until EOF, passing
+    each chunk to `on_chunk` too; the future ends then (cancel it to stop reading). One
+    read per wake-up, straight from the event loop: no task, no stream objects."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        chunk = read_some(fd)
+        if chunk is None:
+            return
+        if chunk:
+            buffer.add(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
+        elif not done.done():
+            done.set_result(None)
+
+    def finished(_: asyncio.Future[None]) -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+    loop.add_reader(fd, readable)
+    done.add_done_callback(finished)
+    return done

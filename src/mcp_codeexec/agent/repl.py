@@ -30,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 import time
 from typing import Any
 
 from mcp_codeexec.agent import protocol as p
-from mcp_codeexec.agent.process import CappedBuffer, kill_tree
+from mcp_codeexec.agent.process import CHILD_FD, CappedBuffer, Child, Launcher, kill_tree, output_events, pump
 from mcp_codeexec.agent.toolchannel import ENV as TOOLS_ENV
+from mcp_codeexec.agent.toolchannel import Tools
+from mcp_codeexec.agent.watch import OutputFiles
 
 _DRAIN_AFTER_EXIT = 0.2
 _MAX_RC_DIGITS = 3  # the driver answers 0..255
@@ -185,29 +186,30 @@ def _append(text: str, note: str) -> str:
 
 
 class Repl:
-    """The agent's side. `agent` (agent.py) provides spawn(), pump(), event_mark() and
-    written_files(); `call` is the request's (its send() carries replies)."""
+    """The agent's side: starts the interpreter through the agent's `launcher`, and
+    reports the files a cell writes through `outputs`, as for commands."""
 
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
+    def __init__(self, launcher: Launcher, outputs: OutputFiles) -> None:
+        self.launcher = launcher
+        self.outputs = outputs
         self.lock = asyncio.Lock()  # cells on one interpreter run one at a time
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Child | None = None
         self.exited: asyncio.Future[int] | None = None
         self.sock: socket.socket | None = None
+        self.tools: Tools | None = None  # programmatic tool calling, when the server offers it (agent.main)
         # The interpreter's tool channel (toolchannel.py): one for its life, serving the
         # cell that runs and refusing calls between cells.
         self.door: Any = None
 
-    def _start(self, request: p.Repl) -> None:
+    async def _start(self, request: p.Repl) -> None:
         mine, theirs = socket.socketpair()
-        tools = self.agent.tools
-        self.door = tools.door() if request.tools and tools is not None else None
+        self.door = self.tools.door() if request.tools and self.tools is not None else None
         try:
-            self.proc, self.exited = self.agent.spawn(
-                ["python3", "-P", "-u", "-c", DRIVER, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # stderr stays the agent's until the driver is up
+            self.proc = await self.launcher.spawn(
+                ["python3", "-P", "-u", "-c", DRIVER, CHILD_FD],
+                extra_fd=theirs.fileno(),
+                stdout=self.launcher.devnull,
+                stderr=2,  # the agent's until the driver is up
                 cwd=request.cwd or None,
                 env={**os.environ, **request.env, **({TOOLS_ENV: self.door.name} if self.door else {})},
             )
@@ -219,17 +221,18 @@ class Repl:
             raise
         finally:
             theirs.close()
+        self.exited = self.proc.exited
         mine.setblocking(False)
         self.sock = mine
 
-    async def _stop(self, proc: subprocess.Popen[bytes] | None) -> int:
+    async def _stop(self, proc: Child | None) -> int:
         """Kill `proc`'s tree and wait for it; forget it if it is still the current one."""
         if proc is None:
             return 0
-        exited, sock = self.exited, self.sock
-        assert exited is not None and sock is not None
+        sock = self.sock
+        assert sock is not None
         kill_tree(proc.pid)
-        status = _status(await exited)
+        status = _status(await self.launcher.killed(proc))
         if self.proc is proc:
             sock.close()
             self.proc = self.exited = self.sock = None
@@ -260,12 +263,13 @@ class Repl:
         return int(text) if text.isdigit() and int(text) <= 255 else None
 
     async def run(self, call: Any, request: p.Repl) -> p.ExecResult:
+        """`call` is the request's: its send() carries events and, if cancelled, the result."""
         async with self.lock:
-            return await self._run(call, request)
+            with self.outputs.tracking() as mark:  # files the cell writes are reported, as for commands
+                return await self._run(call, request, mark)
 
-    async def _run(self, call: Any, request: p.Repl) -> p.ExecResult:
-        started, wall = time.monotonic(), time.time()
-        mark = self.agent.event_mark()  # files the cell writes are reported, as for commands
+    async def _run(self, call: Any, request: p.Repl, mark: tuple[int, int, float]) -> p.ExecResult:
+        started = time.monotonic()
         prefix = ""
         if self.exited is not None and self.exited.done():  # died between cells
             prefix = (
@@ -274,20 +278,19 @@ class Repl:
             )
             await self._stop(self.proc)
         if self.proc is None:
-            self._start(request)
+            await self._start(request)
         proc, exited, sock = self.proc, self.exited, self.sock
         assert exited is not None and sock is not None
         if self.door is not None:
             self.door.attach(call)
         buffers = {name: CappedBuffer(request.max_output) for name in ("stdout", "stderr")}
-        pumps, ends, sent = [], [], False
+        pumps: list[asyncio.Future[None]] = []
+        ends, sent = [], False
         try:
             for name in ("stdout", "stderr"):
                 r, w = os.pipe()
                 ends.append(w)
-                pipe = open(r, "rb", buffering=0)
-                pump = self.agent.pump(call, name, pipe, buffers[name], request.stream)
-                pumps.append(asyncio.create_task(pump))
+                pumps.append(pump(r, buffers[name], output_events(call, name) if request.stream else None))
             socket.send_fds(sock, [b"C"], ends)  # one byte: never blocks on an idle channel
             sent = True
         except OSError:
@@ -331,7 +334,7 @@ class Repl:
         if died:
             stderr = _append(stderr, f"[mcp-codeexec] {note}; {RESET}")
         assert rc is not None
-        files, files_note = self.agent.written_files(mark, wall)
+        files, files_note = self.outputs.written(mark)
         result = p.ExecResult(
             stdout=buffers["stdout"].text("stdout"),
             stderr=prefix + stderr,

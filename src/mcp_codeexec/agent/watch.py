@@ -12,7 +12,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 EXCLUDED_DIRS = {"__pycache__", "node_modules", "site-packages", "venv"}
 
@@ -141,3 +146,73 @@ def recent_files(root: str, since: float) -> tuple[list[list[object]], bool]:
         except OSError:
             continue
     return found, True
+
+
+class OutputFiles:
+    """The files each call writes, for exec and REPL calls alike: a call takes a mark
+    when it starts (`tracking()`), and `written(mark)` lists the files written since."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.events: list[str] = []  # files written, in order; events_base counts dropped ones
+        self.events_base = 0
+        self.overflows = 0  # how often the watcher lost events
+        self.open_marks = 0
+        try:
+            self.watcher: Watcher | None = Watcher(root)
+        except OSError:
+            self.watcher = None  # no inotify: calls report no output files
+
+    @contextmanager
+    def tracking(self) -> Iterator[tuple[int, int, float]]:
+        """Where a call starts: (file events seen so far, watcher overflows so far, wall
+        clock time). A call's files are the events after its mark."""
+        mark = (0, 0, time.time())
+        if self.watcher is not None:
+            self._take_events()
+            if self.open_marks == 0 or len(self.events) > 100_000:  # no other call runs: drop the old ones
+                self.events_base += len(self.events)
+                self.events.clear()
+            mark = (self.events_base + len(self.events), self.overflows, mark[2])
+        self.open_marks += 1
+        try:
+            yield mark
+        finally:
+            self.open_marks -= 1
+
+    def written(self, mark: tuple[int, int, float]) -> tuple[list[list[Any]], str]:
+        """([path, size] of regular files written since `mark`, a note for the caller if
+        that list may be incomplete). When the watcher lost events while the call ran (its
+        queue overflowed, or a directory could not be watched), the workspace is searched
+        for files modified since the mark's time instead, and the watcher is rebuilt."""
+        if self.watcher is None:
+            return [], ""
+        since, overflows, started = mark
+        self._take_events()
+        if self.overflows != overflows:
+            found, complete = recent_files(self.root, started)
+            note = (
+                "more files changed than the file watcher could follow; output files were found by modification time"
+                + ("" if complete else f" among the first {RECENT_SCAN_LIMIT} entries of the workspace only")
+            )
+            return found, note
+        paths = dict.fromkeys(self.events[since - self.events_base :])
+        found = []
+        for path in paths:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue  # written, then removed or renamed
+            if stat.S_ISREG(st.st_mode):
+                found.append([path, st.st_size])
+        return found, ""
+
+    def _take_events(self) -> None:
+        """Move the watcher's events into self.events; after a loss, count it and start a
+        fresh watcher (the old one's watches may miss new directories)."""
+        assert self.watcher is not None
+        self.events.extend(self.watcher.drain())
+        if self.watcher.overflowed:
+            self.overflows += 1
+            self.watcher.close()
+            self.watcher = Watcher(self.root)

@@ -19,9 +19,10 @@ from typing import Any
 import docker
 import docker.errors
 
+from mcp_codeexec.constants import INPUTS_LABEL, MANIFEST_LABEL
+
 MANIFEST_PATH = "/etc/mcp-codeexec/manifest.json"
-MANIFEST_LABEL = "org.mcp-codeexec.manifest"
-INPUTS_LABEL = "org.mcp-codeexec.inputs-hash"
+__all__ = ["INPUTS_LABEL", "MANIFEST_LABEL", "MANIFEST_PATH"]
 
 _cache: dict[str, dict[str, Any]] = {}
 _lock = threading.Lock()
