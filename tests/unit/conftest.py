@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +25,10 @@ from mcp_codeexec.deployment.local import LocalDeployment
 def base() -> Iterator[str]:
     """A short directory of local sandboxes (their sockets live under it) that a root
     server's agent (uid 1000) can reach. Whatever a test left running is removed."""
+    yield from sandbox_dir()
+
+
+def sandbox_dir() -> Iterator[str]:
     directory = tempfile.mkdtemp(prefix="mcx-")
     os.chmod(directory, 0o755)
     yield directory
@@ -32,9 +37,17 @@ def base() -> Iterator[str]:
 
 
 def remove_everything(directory: str) -> None:
-    deployment = LocalDeployment(directory)
-    for record in anyio.run(deployment.list, ""):
-        anyio.run(deployment.remove, record.name)
+    """In a thread of its own: an event loop may be running in this one (module-scoped
+    async fixtures keep theirs across tests)."""
+
+    async def remove() -> None:
+        deployment = LocalDeployment(directory)
+        for record in await deployment.list(""):
+            await deployment.remove(record.name)
+
+    worker = threading.Thread(target=anyio.run, args=(remove,))
+    worker.start()
+    worker.join()
 
 
 def local_settings(base: str, **overrides: Any) -> Settings:

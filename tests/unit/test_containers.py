@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
-from unit.conftest import local_settings, manager
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.config import Settings
@@ -18,6 +17,7 @@ from mcp_codeexec.deployment.base import AgentStream, BackendInfo, Deployment, S
 from mcp_codeexec.deployment.local import LocalDeployment
 from mcp_codeexec.errors import BackendUnavailable, ContainerExpired, NameTaken, SandboxGone, TooManyRequests
 from mcp_codeexec.sandbox import LABEL, ContainerInfo, iso
+from unit.conftest import local_settings, manager
 
 pytestmark = pytest.mark.anyio
 

@@ -9,11 +9,11 @@ import signal
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from unit.conftest import local_settings, manager, workspace
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.errors import ExecutionTimeExceeded, FileNotFound, OutputFileTooLarge, SandboxDied
 from mcp_codeexec.sandbox import LABEL, LAYOUT, ContainerInfo, iso, new_container_id, sandbox_spec
+from unit.conftest import local_settings, manager, workspace
 
 pytestmark = pytest.mark.anyio
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from unit.conftest import local_settings, manager, workspace
 
 from mcp_codeexec.errors import ContainerExpired
 from mcp_codeexec.sessions import Sessions
+from unit.conftest import local_settings, manager, workspace
 
 pytestmark = pytest.mark.anyio
 
