@@ -31,9 +31,13 @@ def base() -> Iterator[str]:
 def sandbox_dir() -> Iterator[str]:
     directory = tempfile.mkdtemp(prefix="mcx-")
     os.chmod(directory, 0o755)
-    yield directory
-    remove_everything(directory)
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        yield directory
+    finally:
+        try:
+            remove_everything(directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def remove_everything(directory: str) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -38,14 +36,8 @@ ARGS = ("--timeout", "3", "--max-output", "20000", "--memory", "1g", "--disk", "
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    """A short directory (sockets live under it) that a root server's agent (uid 1000) can reach."""
-    directory = tempfile.mkdtemp(prefix="mcx-")
-    os.chmod(directory, 0o755)
-    yield directory
-    deployment = LocalDeployment(directory)
-    for record in anyio.run(deployment.list, ""):  # what a failed test left running
-        anyio.run(deployment.remove, record.name)
-    shutil.rmtree(directory)
+    """One base for the module's server (sandbox_dir: short, reachable by uid 1000, cleaned)."""
+    yield from sandbox_dir()
 
 
 def local(base: str, *args: str):  # noqa: ANN201 - conftest.connect's context manager
