@@ -51,7 +51,7 @@ async def test_tenant_policies_set_the_stored_cap(base: str, tmp_path: Path) -> 
     digest = hashlib.sha256(b"t").hexdigest()
     tokens.write_text(json.dumps({"tenants": {"alice": {"token_sha256": digest, "max_stored_bytes": 5, "max_containers": 1}}}))
     app = App(local_settings(base, tokens_file=str(tokens), max_stored_bytes=100))
-    assert app.policies[digest].name == "alice"
+    assert app.policies["alice"].token_sha256 == digest
     assert app.files.cap("alice") == 5 and app.files.cap("bob") == 100
     assert app._containers_cap("alice") == 1 and app._containers_cap("bob") is None
 

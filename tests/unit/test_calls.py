@@ -10,9 +10,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcp_codeexec import calls, tools, wire
 from mcp_codeexec.app import App
+from mcp_codeexec.config import Settings
 from mcp_codeexec.errors import InvalidToolInput
 from unit.conftest import local_settings, mcp_session, workspace
 
@@ -20,16 +22,23 @@ pytestmark = pytest.mark.anyio
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(40)
 
 
-def ctx(meta: dict[str, Any] | None = None, headers: dict[str, str] | None = None, query: dict[str, str] | None = None) -> Any:
+def ctx(meta: dict[str, Any] | None = None, headers: dict[str, str] | None = None, query: dict[str, str] | None = None,
+        protocol: str = "2025-06-18") -> Any:
     request = None if headers is None else SimpleNamespace(headers=headers, query_params=query or {})
-    return SimpleNamespace(meta=meta, request=request)
+    return SimpleNamespace(meta=meta, request=request, protocol_version=protocol)
 
 
 def test_session_key() -> None:
-    assert calls.session_key(ctx()) == "stdio"
-    assert calls.session_key(ctx(headers={"mcp-session-id": "abc"})) == "abc"
-    assert calls.session_key(ctx(headers={}, query={"session_id": "sse1"})) == "sse1"
-    assert calls.session_key(ctx(headers={})) == "default"
+    app: Any = SimpleNamespace(settings=Settings())
+    assert calls.session_key(app, ctx()) == "stdio"
+    assert calls.session_key(app, ctx(headers={"mcp-session-id": "abc"})) == "abc"
+    assert calls.session_key(app, ctx(headers={}, query={"session_id": "sse1"})) == "sse1"
+    assert calls.session_key(app, ctx(headers={})) == "default"
+    # --container-handles: a stateless (modern protocol) call has no session; it gets a new container.
+    handles: Any = SimpleNamespace(settings=Settings(container_handles=True))
+    modern = sorted(MODERN_PROTOCOL_VERSIONS)[0]
+    assert calls.session_key(handles, ctx(headers={}, protocol=modern)) is None
+    assert calls.session_key(handles, ctx(headers={})) == "default"
 
 
 def test_requested_container_and_uploads_shapes() -> None:

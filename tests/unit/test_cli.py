@@ -61,7 +61,7 @@ def test_local_backend_needs_consent_and_works_in_its_directory(tmp_path: object
 
 @pytest.mark.parametrize(
     "argv",
-    [("--backend", "kubernetes"), ("--profile", "20990101"), ("--transport", "ws"), ("--pool", "many"), ("--bogus",)],
+    [("--backend", "nomad"), ("--profile", "20990101"), ("--transport", "ws"), ("--pool", "many"), ("--bogus",)],
 )
 def test_bad_flags_are_refused_by_the_parser(argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:

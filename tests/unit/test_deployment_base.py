@@ -54,4 +54,4 @@ def test_make_backend(base: str) -> None:
     docker = make_backend(Settings(runtime="runc", disk_bytes=0))
     assert isinstance(docker, DockerDeployment) and docker.runtime == "runc" and docker.quota is None
     with pytest.raises(ValueError, match="unknown backend"):
-        make_backend(Settings(backend="kubernetes"))
+        make_backend(Settings(backend="nomad"))

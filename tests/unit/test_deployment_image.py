@@ -1,4 +1,4 @@
-"""image.py: reading the sandbox image's manifest from its label (the engine's answer to an
+"""deployment/image.py: reading the sandbox image's manifest from its label (the engine's answer to an
 image inspection is given as a dict: no engine, no container)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from mcp_codeexec import image
-from mcp_codeexec.image import MANIFEST_LABEL, ManifestUnavailable, read_manifest
+from mcp_codeexec.deployment import image
+from mcp_codeexec.deployment.image import MANIFEST_LABEL, ManifestUnavailable, read_manifest
 
 
 class Inspection:
