@@ -14,6 +14,7 @@ from mcp.server.stdio import stdio_server
 
 from mcp_codeexec import __version__
 from mcp_codeexec.config import Settings, parse_duration, parse_size
+from mcp_codeexec.files import upload_plan
 from mcp_codeexec.profiles import VERSIONS
 
 log = logging.getLogger("mcp_codeexec")
@@ -239,7 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(doctor(argv[1:]))
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+        upload_plan(settings.uploads, settings.workdir)  # a missing path: refused here, not mid-start
+    except ValueError as exc:  # a size, a duration or a path that is not one (pydantic's errors too)
+        raise SystemExit(f"mcp-codeexec: {exc}") from None
     if settings.tokens_file or settings.tools_config:
         from mcp_codeexec.errors import ConfigError
         from mcp_codeexec.tenants import load_tenants

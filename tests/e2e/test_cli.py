@@ -65,7 +65,7 @@ async def test_weak_isolation_is_warned_and_told_to_the_model(engine, tmp_path):
             prompt = (await s.client.read_resource("codeexec://system-prompt")).contents[0].text
     assert "Runs as an unprivileged user under runc: containers share the host kernel" in prompt
     assert "gVisor" not in prompt
-    assert "WARNING mcp_codeexec.server: runtime 'runc': sandboxes share the host kernel" in log.read_text()
+    assert "WARNING mcp_codeexec.app: runtime 'runc': sandboxes share the host kernel" in log.read_text()
 
 
 def running_of(engine, tenant: str) -> list[str]:

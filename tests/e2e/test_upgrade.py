@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import docker
 import pytest
 from conftest import IMAGE, TENANT, connect
@@ -48,3 +49,17 @@ async def test_a_legacy_container_is_upgraded_with_its_files(engine: docker.APIC
     finally:
         engine.remove_container(name, force=True)
         engine.remove_volume(f"mcp-codeexec-ws.{container_id}", force=True)
+
+
+async def test_a_server_with_other_settings_reloads_the_agent(engine: docker.APIClient) -> None:
+    """Another server (here: another --memory, so another rlimit) on a running container
+    reloads its agent: promptly (the old connections end), and the reloaded agent starts
+    under the hard limit the first one set (raising it needs a capability it lacks)."""
+    async with connect("--memory", "512m", "--no-prepare") as first:
+        assert (await first.bash("echo first"))["stdout"] == "first\n"
+        cid = first.last_meta["container"]["id"]
+        async with connect("--memory", "1g", "--container", cid, "--no-prepare") as second:
+            with anyio.fail_after(30):  # before the fix: ~90 s, then `unavailable`
+                r = await second.bash("echo second; ulimit -v")
+            assert r["stdout"] == f"second\n{512 * 1024}\n", r
+        assert (await first.bash("echo again"))["stdout"] == "again\n"

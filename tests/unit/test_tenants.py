@@ -1,17 +1,29 @@
-"""The tokens file: read whole or refused with a message that says what is wrong."""
+"""tenants.py: the tokens file (read whole or refused with a message that says what is
+wrong), the token verifier, the per-tenant limits, and metering."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from mcp_codeexec import cli, tenants
 from mcp_codeexec.errors import ConfigError
-from mcp_codeexec.tenants import Limits, load_tenants, static_tenants, stored_cap
+from mcp_codeexec.tenants import (
+    BILLING_MINIMUM_SECONDS,
+    HashedTokenVerifier,
+    Limits,
+    TenantPolicy,
+    Usage,
+    hash_token,
+    load_tenants,
+    static_tenants,
+    stored_cap,
+)
+
+pytestmark = pytest.mark.anyio
 
 DIGEST = hashlib.sha256(b"secret").hexdigest()
 
@@ -59,9 +71,10 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_the_server_does_not_start_on_a_bad_file(tmp_path: Path) -> None:
     path = write(tmp_path, {"tenants": {"alice": {"token_sha256": "short"}}})
-    r = subprocess.run([sys.executable, "-m", "mcp_codeexec", "--transport", "http", "--tokens", str(path)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "token_sha256 must be a SHA-256" in r.stderr and str(path) in r.stderr
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--transport", "http", "--tokens", str(path)])
+    message = str(exit_.value.code)
+    assert "token_sha256 must be a SHA-256" in message and str(path) in message
 
 
 def test_oauth_tenants_and_defaults(tmp_path: Path) -> None:
@@ -78,3 +91,59 @@ def test_oauth_tenants_and_defaults(tmp_path: Path) -> None:
     assert limits.acquire("org-1") is None and limits.acquire("org-1") is not None  # its own limit: 1
     assert limits.acquire("carol") is None and limits.acquire("carol") is None  # the defaults: 2
     assert "limit 2" in (limits.acquire("carol") or "")
+
+
+async def test_verifier_maps_tokens_to_tenants(tmp_path: Path) -> None:
+    verifier = HashedTokenVerifier(load_tenants(write(tmp_path, {"tenants": {"alice": {"token_sha256": DIGEST}}})))
+    token = await verifier.verify_token("secret")
+    assert token is not None and token.client_id == "alice" and token.token == ""  # the secret is not kept
+    assert await verifier.verify_token("Secret") is None and await verifier.verify_token("") is None
+    assert hash_token("secret") == DIGEST
+
+
+def test_concurrency_limit_and_release() -> None:
+    limits = Limits({DIGEST: TenantPolicy("alice", DIGEST, max_concurrent=2)})
+    assert limits.acquire("alice") is None and limits.acquire("alice") is None
+    assert limits.acquire("alice") == "2 calls already running (limit 2)"
+    limits.release("alice")
+    assert limits.acquire("alice") is None
+    assert all(limits.acquire("nobody") is None for _ in range(100))  # no policy: no limit
+    limits.release("nobody")  # harmless
+
+
+def test_rate_limit_refills_over_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(tenants.time, "monotonic", lambda: now[0])
+    limits = Limits({DIGEST: TenantPolicy("alice", DIGEST, rate_per_minute=2)})
+    assert limits.acquire("alice") is None and limits.acquire("alice") is None
+    assert limits.acquire("alice") == "rate limit of 2 calls per minute reached"
+    now[0] += 30  # one token back (2 per minute)
+    assert limits.acquire("alice") is None
+    assert limits.acquire("alice") is not None
+    now[0] += 3600  # never more than the rate's worth banked
+    assert [limits.acquire("alice") is None for _ in range(3)] == [True, True, False]
+
+
+def test_usage_bills_a_minimum_per_container_and_survives_a_restart(tmp_path: Path) -> None:
+    usage = Usage(tmp_path / "usage.json")
+    usage.record("alice", "container_a", 1.5)
+    usage.record("alice", "container_a", 2.0)
+    usage.record("alice", "container_b", 400.0)
+    usage.record("alice", None, 9.0)  # a call that reached no container: counted, not billed
+    report = Usage(tmp_path / "usage.json").report("alice")
+    assert report == {
+        "tenant": "alice",
+        "code_execution_requests": 4,
+        "execution_seconds": 403.5,
+        "billed_seconds": BILLING_MINIMUM_SECONDS + 400.0,
+        "containers": [
+            {"id": "container_a", "execution_seconds": 3.5, "billed_seconds": BILLING_MINIMUM_SECONDS},
+            {"id": "container_b", "execution_seconds": 400.0, "billed_seconds": 400.0},
+        ],
+    }
+    assert usage.report("bob")["code_execution_requests"] == 0
+
+
+def test_usage_starts_afresh_from_an_unreadable_file(tmp_path: Path) -> None:
+    (tmp_path / "usage.json").write_text("{broken")
+    assert Usage(tmp_path / "usage.json").report("alice")["containers"] == []

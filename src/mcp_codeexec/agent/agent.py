@@ -367,7 +367,15 @@ async def _receive_fds(sock: socket.socket) -> tuple[int, int]:
         for fd in fds:
             os.close(fd)
         raise ValueError("a connection must bring two fds")
+    _close_on_exec(fds)
     return fds[0], fds[1]
+
+
+def _close_on_exec(fds: list[int]) -> None:
+    """socket.recv_fds ignores its flags before Python 3.13, MSG_CMSG_CLOEXEC included: a
+    relay's stdio would survive a reload's exec, and that connection would never end."""
+    for fd in fds:
+        os.set_inheritable(fd, False)
 
 
 AGENT_HASH = ""  # set by main() from what the loader was given
@@ -385,12 +393,19 @@ def main(listener: socket.socket, first: tuple[socket.socket, int, int], config:
     code, and the server's settings for this sandbox."""
     global AGENT_HASH
     AGENT_HASH = str(config["hash"])
+    _close_on_exec(list(first[1:]))  # the loader received them the same way
     # A per-process address-space limit, inherited by every command: one process that
     # allocates too much gets a clean MemoryError/ENOMEM instead of the host killing the
     # whole sandbox. Set here once because per-command limits would need a preexec_fn.
     limit = int(config.get("rlimit_as") or 0)
     if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        except ValueError:
+            # A reload inherits the previous agent's hard limit, and raising it needs
+            # CAP_SYS_RESOURCE, which the agent lacks: keep it, and what fits under it.
+            hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+            resource.setrlimit(resource.RLIMIT_AS, (min(limit, hard), hard))
     if privileged():
         os.setgroups([])  # threads acting as the user must not carry root's groups
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -150,7 +150,7 @@ class LocalDeployment(Deployment):
     def _read(self, name: str) -> dict[str, Any]:
         try:
             return json.loads((self._dir(name) / "state.json").read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not a sandbox: a stray file in the base
             raise SandboxGone(f"no sandbox {name!r}") from None
 
     def _write(self, name: str, state: dict[str, Any]) -> None:

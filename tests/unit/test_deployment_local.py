@@ -1,4 +1,5 @@
-"""Fast tests with NO isolation: the real server process over stdio, driven by the `mcp` SDK's
+"""deployment/local.py, and the whole server on it. First the real server process over stdio
+(cli → serve_stdio → app → local backend), driven by the `mcp` SDK's
 client, with `--backend local --allow-weak-isolation`, so the real agent runs as plain local
 processes (deployment/local.py). They cover everything above the backend (protocol, tools,
 containers, sessions, limits, files) in seconds, without Docker.
@@ -12,18 +13,21 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import anyio
 import pytest
-from conftest import Session, connect
+from conftest import TENANT, Session, connect
 
+from mcp_codeexec.config import Settings
+from mcp_codeexec.deployment.base import VOLUME_LABEL, BackendUnavailable, NameTaken, SandboxGone, SandboxSpec, remove_all
 from mcp_codeexec.deployment.local import LocalDeployment
+from unit.conftest import local_settings, mcp_session, sandbox_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -32,14 +36,8 @@ ARGS = ("--timeout", "3", "--max-output", "20000", "--memory", "1g", "--disk", "
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    """A short directory (sockets live under it) that a root server's agent (uid 1000) can reach."""
-    directory = tempfile.mkdtemp(prefix="mcx-")
-    os.chmod(directory, 0o755)
-    yield directory
-    deployment = LocalDeployment(directory)
-    for record in anyio.run(deployment.list, ""):  # what a failed test left running
-        anyio.run(deployment.remove, record.name)
-    shutil.rmtree(directory)
+    """One base for the module's server (sandbox_dir: short, reachable by uid 1000, cleaned)."""
+    yield from sandbox_dir()
 
 
 def local(base: str, *args: str):  # noqa: ANN201 - conftest.connect's context manager
@@ -72,18 +70,20 @@ async def test_exit_code_and_stderr(sandbox: Session) -> None:
     assert (await sandbox.bash("kill -9 $$"))["return_code"] == 137
 
 
-async def test_time_limit_kills_the_whole_tree(sandbox: Session, base: str) -> None:
-    # A child in the background, and one that left the command's session: both die.
-    r = await sandbox.bash("sleep 300 & echo $! > .bg.pids; setsid sleep 300 & echo $! >> .bg.pids; sleep 300")
-    assert r == {"type": "bash_code_execution_tool_result_error", "error_code": "execution_time_exceeded"}
-    pids = [int(line) for line in (workspace(base) / ".bg.pids").read_text().split()]
-    assert len(pids) == 2
-    for _ in range(50):  # the agent kills them before answering; /proc may lag a moment
-        if not any(map(_alive, pids)):
-            break
-        await anyio.sleep(0.02)
-    assert not any(map(_alive, pids)), "a process of the timed-out command survived"
-    assert (await sandbox.bash("echo still here"))["stdout"] == "still here\n"
+async def test_time_limit_kills_the_whole_tree(base: str) -> None:
+    # In process, with a short limit. A child in the background, and one that left the
+    # command's session: both die.
+    async with mcp_session(local_settings(base, timeout=1)) as s:
+        r = await s.bash("sleep 300 & echo $! > .bg.pids; setsid sleep 300 & echo $! >> .bg.pids; sleep 300")
+        assert r == {"type": "bash_code_execution_tool_result_error", "error_code": "execution_time_exceeded"}
+        pids = [int(line) for line in (workspace(base) / ".bg.pids").read_text().split()]
+        assert len(pids) == 2
+        for _ in range(50):  # the agent kills them before answering; /proc may lag a moment
+            if not any(map(_alive, pids)):
+                break
+            await anyio.sleep(0.02)
+        assert not any(map(_alive, pids)), "a process of the timed-out command survived"
+        assert (await s.bash("echo still here"))["stdout"] == "still here\n"
 
 
 def _alive(pid: int) -> bool:
@@ -139,33 +139,28 @@ async def test_container_reuse_by_id_and_meta_errors(sandbox: Session, base: str
     unknown = "container_" + "x" * 24
     assert (await sandbox.bash("true", meta={"container": unknown}))["error_code"] == "container_expired"
     assert (await sandbox.bash("true", meta={"container": 42}))["error_code"] == "invalid_tool_input"
-    # Another server process takes the container over by id.
-    async with local(base, "--container", cid) as other:
-        assert (await other.bash("echo there"))["stdout"] == "there\n"
+    # Another server takes the container over by id (in process: the stdio path is above).
+    # Its settings differ (memory, so the rlimit): the agent reloads, under the old hard limit.
+    async with mcp_session(local_settings(base, container=cid, tenant=TENANT)) as other:
+        there = await other.bash("echo there")
+        assert there.get("stdout") == "there\n", there
         assert other.last_meta["container"]["id"] == cid
 
 
 async def test_repl_profile_keeps_state(base: str) -> None:
-    async with local(base, "--profile", "20260120") as s:
+    async with mcp_session(local_settings(base, profile="20260120")) as s:
         assert (await s.python("x = 41"))["return_code"] == 0  # type: ignore[attr-defined]
         r = await s.python("print(x + 1)")  # type: ignore[attr-defined]
         assert (r["stdout"], r["return_code"]) == ("42\n", 0)
         cid = s.last_meta["container"]["id"]
         # A second server on the same container (same agent) sees the same interpreter.
-        async with local(base, "--profile", "20260120", "--container", cid) as t:
+        async with mcp_session(local_settings(base, profile="20260120", container=cid)) as t:
             assert (await t.python("print(x)"))["stdout"] == "41\n"  # type: ignore[attr-defined]
 
 
 async def test_system_prompt_says_there_is_no_isolation(sandbox: Session) -> None:
     prompt = await sandbox.client.read_resource("codeexec://system-prompt")
     assert "NO isolation" in prompt.contents[0].text
-
-
-def test_local_backend_needs_allow_weak_isolation() -> None:
-    run = subprocess.run([sys.executable, "-m", "mcp_codeexec", "--backend", "local"], stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0
-    assert "refusing --backend local" in run.stderr and "--allow-weak-isolation" in run.stderr
 
 
 def test_local_path_never_imports_docker() -> None:
@@ -193,3 +188,89 @@ async def test_code_calls_upstream_tools(base: str, tmp_path: Path) -> None:
         cell = await session.python("from mcp_tools import memory\nprint(await memory.read_graph())")
         assert cell["stdout"] == "{'entities': [], 'relations': []}\n", cell
     assert {n for n in os.listdir("/tmp") if n.startswith(".mcp-codeexec-tools-")} == before
+
+
+# --- the backend's verbs, directly ------------------------------------------------------
+
+
+@pytest.fixture
+def own() -> Iterator[str]:
+    """A base of this test's own (the module's is shared by the server tests above)."""
+    yield from sandbox_dir()
+
+
+def spec(own: str, name: str) -> SandboxSpec:
+    from mcp_codeexec.sandbox import ContainerInfo, sandbox_spec
+
+    return sandbox_spec(Settings(workdir=str(workspace(own))), name, "vol-" + name, ContainerInfo.new(timedelta(days=1)))
+
+
+async def test_verbs_create_start_inspect_stop_claim_remove(own: str) -> None:
+    d = LocalDeployment(own)
+    info = await d.check()
+    assert (info.engine, info.runtime) == ("local processes", "none") and "NO isolation" in info.isolation
+    a = spec(own, "mcp-codeexec-pool.a")
+    await d.create(a)
+    with pytest.raises(NameTaken):
+        await d.create(a)
+    record = await d.inspect(a.name)
+    assert (record.running, record.status, record.in_use) == (False, "created", 0)
+    assert record.labels[VOLUME_LABEL] == "vol-" + a.name and record.labels["org.mcp-codeexec.layout"]
+    await d.start(a)
+    await d.start(a)  # running already: nothing
+    assert (await d.inspect(a.name)).status == "running"
+    stream = await d.connect(a.name, [])
+    record = await d.inspect(a.name)
+    assert record.in_use == 1
+    await stream.aclose()
+    # Claimed under a tenant's name while running; the old name is gone, the new one taken.
+    await d.create(spec(own, "mcp-codeexec.t.b"))
+    with pytest.raises(NameTaken):
+        await d.claim(a.name, "mcp-codeexec.t.b")
+    await d.claim(a.name, "mcp-codeexec.t.a")
+    with pytest.raises(SandboxGone):
+        await d.claim(a.name, "mcp-codeexec.t.c")
+    with pytest.raises(SandboxGone):
+        await d.inspect(a.name)
+    listed = await d.list("mcp-codeexec.t.", sizes=True)
+    assert [(r.name, r.running) for r in listed] == [("mcp-codeexec.t.a", True), ("mcp-codeexec.t.b", False)]
+    assert all(isinstance(r.size_bytes, int) for r in listed)
+    await d.stop("mcp-codeexec.t.a")
+    stopped = await d.inspect("mcp-codeexec.t.a")
+    assert (stopped.running, stopped.status, stopped.exit_code) == (False, "exited", 137)
+    assert await remove_all(d, "mcp-codeexec.t.") == 2
+    await d.remove("mcp-codeexec.t.a")  # missing: not an error
+    assert await d.list("") == []
+
+
+async def test_names_that_are_not_sandboxes(own: str) -> None:
+    d = LocalDeployment(own)
+    (Path(own) / "stray-file").write_text("not a sandbox")
+    assert await d.list("") == []  # a stray file in the base is skipped, not a crash
+    for name in ("", "../x", ".hidden", "a/b", "stray-file"):
+        with pytest.raises(SandboxGone):
+            await d.inspect(name)
+    with pytest.raises(SandboxGone):
+        await d.connect("absent", [])
+
+
+async def test_refusals(own: str, tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="too long for a socket path"):
+        await LocalDeployment(os.path.join(own, "x" * 100)).create(spec(own, "mcp-codeexec.t.long"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BackendUnavailable, match="cannot make"):
+        await LocalDeployment(str(tmp_path / "file" / "sub")).check()
+    if os.geteuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        os.chown(foreign, 1000, 1000)
+        with pytest.raises(BackendUnavailable, match="belongs to another user"):
+            await LocalDeployment(str(foreign)).check()
+
+
+async def test_a_loader_that_dies_at_start_says_why(own: str) -> None:
+    d = LocalDeployment(own)
+    broken = replace(spec(own, "mcp-codeexec.t.x"), env={"PATH": "/nonexistent"})
+    await d.create(broken)
+    with pytest.raises((BackendUnavailable, FileNotFoundError)):
+        await d.start(broken)
