@@ -51,7 +51,10 @@ def alive(pid: int) -> bool:
 
 
 def test_kill_tree_reaches_children_that_left_the_session() -> None:
-    child = proc.spawn(["bash", "-c", "sleep 300 & echo $!; setsid sleep 300 & echo $!; sleep 300"], stdout=subprocess.PIPE)
+    # Started as the agent starts its spawner (and, without one, commands directly):
+    # the sandbox user, a session of its own.
+    child = subprocess.Popen(["bash", "-c", "sleep 300 & echo $!; setsid sleep 300 & echo $!; sleep 300"],
+                             stdout=subprocess.PIPE, start_new_session=True, **proc.user_spawn_options())
     assert child.stdout is not None
     pids = [int(child.stdout.readline()), int(child.stdout.readline())]
     assert os.getsid(child.pid) == child.pid  # its own session: kill_tree's unit
