@@ -35,6 +35,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 from repl_bench import pct
 
+from mcp_codeexec.deployment.base import remove_all
 from mcp_codeexec.deployment.docker import DockerDeployment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,7 +149,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         everything.terminate()
         with anyio.CancelScope(shield=True):
-            await DockerDeployment().remove_all(f"mcp-codeexec.{tenant}.")
+            await remove_all(DockerDeployment(), f"mcp-codeexec.{tenant}.")
     print(f"{'path (same run)':62} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'p50 / floor':>12} {'p50 - floor':>12}")
     for label, samples, floor in rows:
         p50 = pct(samples, 0.5)

@@ -33,6 +33,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from mcp_codeexec.deployment.base import remove_all  # noqa: E402
 from mcp_codeexec.deployment.docker import DockerDeployment  # noqa: E402
 
 GROUPBY = (
@@ -138,7 +139,7 @@ async def main(args: argparse.Namespace) -> None:
         for b in bare:
             b.remove()
         with anyio.CancelScope(shield=True):
-            await DockerDeployment().remove_all(f"mcp-codeexec.{tenant}.")
+            await remove_all(DockerDeployment(), f"mcp-codeexec.{tenant}.")
 
     print(f"\n{'workload':40} {'n':>4} {'MCP ms':>9} {'runsc ms':>9} {'runc ms':>9} {'MCP/runsc':>10} {'target':>7} {'runsc/runc':>11}")
     print("-" * 106)
