@@ -9,7 +9,11 @@
 #     ptrace; an existing entry's platform is kept unless that variable is set);
 #  3. starts dockerd if it is not answering (systemd when it is PID 1, else
 #     in the background, log .cache/dockerd.log, pid in .cache/dockerd.pid)
-#     or reloads it (SIGHUP) if it does not list the runsc runtime;
+#     or reloads it (SIGHUP) if it does not list the runsc runtime, or
+#     RESTARTS it if it is not in experimental mode ("experimental": true is
+#     merged into daemon.json too: checkpoint/restore of idle sandboxes needs
+#     it, and it is not one of the settings a reload applies; running
+#     containers stop then);
 #  4. builds the sandbox image (sandbox/build.sh; MCP_CODEEXEC_IMAGE_SOURCE=
 #     auto|registry|no-registry picks its mode, default auto);
 #  5. creates .venv and installs the project with its test extra (again only
@@ -242,6 +246,8 @@ if override or not has_platform:
     args = [a for a in args if not a.startswith("--platform=")]
     args.append(f"--platform={platform}")
 entry["runtimeArgs"] = args
+# docker checkpoint (idle sandboxes sleep with their memory) is experimental in 20.10
+cfg["experimental"] = True
 
 if json.dumps(cfg, sort_keys=True) == before:
     print("unchanged")
@@ -287,6 +293,22 @@ dockerd_pid() {
     pidof dockerd 2>/dev/null | awk '{ print $1 }'
 }
 
+start_dockerd() { # [restart]: a daemon that ran before, so not ours to stop
+    # Own session, no inherited descriptors (not the lock, not the caller's
+    # stdout: serve.sh's stdout is an MCP stream).
+    printf '\n===== %s starting %s\n' "$(date '+%F %T')" "$DOCKERD" >>"$DOCKERD_LOG"
+    DOCKERD_LOG_MARK=$(wc -l <"$DOCKERD_LOG")
+    "${SUDO[@]}" setsid "$DOCKERD" </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
+    local launcher=$! pid
+    wait_for_docker "$launcher"
+    pid="$(dockerd_pid)"
+    [[ -n "$pid" ]] || pid="$launcher"
+    echo "$pid" >"$DOCKERD_PIDFILE"
+    if [[ -n "${MCP_CODEEXEC_DOCKERD_STARTED_FILE:-}" && "${1:-}" != restart ]]; then
+        echo "$pid" >"$MCP_CODEEXEC_DOCKERD_STARTED_FILE"
+    fi
+}
+
 if docker_ok; then
     summary_dockerd="running"
 elif [[ "$(id -u)" -ne 0 ]] && sudo -n "${DOCKER_CMD[@]}" version >/dev/null 2>&1; then
@@ -296,20 +318,8 @@ elif systemd_is_init; then
     wait_for_docker ""
     summary_dockerd="started by systemd"
 else
-    # Own session, no inherited descriptors (not the lock, not the caller's
-    # stdout: serve.sh's stdout is an MCP stream).
-    printf '\n===== %s starting %s\n' "$(date '+%F %T')" "$DOCKERD" >>"$DOCKERD_LOG"
-    DOCKERD_LOG_MARK=$(wc -l <"$DOCKERD_LOG")
-    "${SUDO[@]}" setsid "$DOCKERD" </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
-    launcher=$!
-    wait_for_docker "$launcher"
-    pid="$(dockerd_pid)"
-    [[ -n "$pid" ]] || pid="$launcher"
-    echo "$pid" >"$DOCKERD_PIDFILE"
-    if [[ -n "${MCP_CODEEXEC_DOCKERD_STARTED_FILE:-}" ]]; then
-        echo "$pid" >"$MCP_CODEEXEC_DOCKERD_STARTED_FILE"
-    fi
-    summary_dockerd="started (pid $pid, log .cache/dockerd.log)"
+    start_dockerd
+    summary_dockerd="started (pid $(cat "$DOCKERD_PIDFILE"), log .cache/dockerd.log)"
 fi
 
 # A daemon that was already running reads daemon.json again on SIGHUP.
@@ -329,6 +339,29 @@ if ! docker_has_runsc; then
     summary_dockerd+=", reloaded"
 fi
 summary_dockerd+=", runtimes include runsc"
+
+# Experimental mode is read at start only: a daemon without it is restarted,
+# once (its containers stop; mcp-codeexec's restart on their next use).
+docker_experimental() { [[ "$(dk info --format '{{.ExperimentalBuild}}' 2>/dev/null)" == true ]]; }
+if ! docker_experimental; then
+    if systemd_is_init; then
+        logged "systemctl restart docker" "${SUDO[@]}" systemctl restart docker
+        wait_for_docker ""
+    else
+        pid="$(dockerd_pid)"
+        [[ -n "$pid" ]] || die "cannot find dockerd's pid to restart it in experimental mode"
+        "${SUDO[@]}" kill -TERM "$pid"
+        deadline=$((SECONDS + 60))
+        while [[ -d "/proc/$pid" ]]; do
+            ((SECONDS < deadline)) || die "dockerd (pid $pid) did not exit within 60s; restart it by hand"
+            sleep 0.2
+        done
+        start_dockerd restart
+    fi
+    docker_experimental || die "dockerd is not in experimental mode after a restart (see $DAEMON_JSON, $DOCKERD_LOG)"
+    summary_dockerd+=", restarted in experimental mode"
+fi
+summary_dockerd+=", experimental (checkpoints)"
 
 # ---------------------------------------------------------- 4. the image
 # build.sh prints one line on stdout ("cached: ..." or "built: ...") and
