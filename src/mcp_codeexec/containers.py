@@ -35,7 +35,7 @@ import anyio.abc
 from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import Deployment, SandboxRecord
 from mcp_codeexec.errors import BackendUnavailable, ContainerExpired, NameTaken, SandboxGone, TooManyRequests
-from mcp_codeexec.sandbox import LABEL, ContainerInfo, Sandbox, iso, sandbox_spec, sleep_sandbox
+from mcp_codeexec.sandbox import LABEL, ContainerInfo, Sandbox, iso, sandbox_spec
 
 if TYPE_CHECKING:
     from mcp_codeexec.upstream import Gateway
@@ -167,7 +167,7 @@ class ContainerManager:
         what, size = await sandbox.sleep()
         if what == "checkpointed":
             self._saved[sandbox.name] = size or 0
-        log.info("%s: %s", sandbox.info.id, what)
+        log.info("%s: %s", sandbox.name, what)
 
     def checkpoint_bytes(self, tenant: str) -> int:
         """Bytes of the tenant's containers' saved memory (as of the last reaper pass and
@@ -236,10 +236,16 @@ class ContainerManager:
                 mine = self._open.get(record.name)
                 if (mine is None or not mine.running) and not await self._in_use(record.name):
                     # Running, but no server is attached (its server exited or was killed).
-                    what, size = await sleep_sandbox(self.deployment, record.name)
-                    log.info("reaper: %s: no server uses it: %s", record.name, what)
-                    if what == "checkpointed":
-                        self._saved[record.name] = size or 0
+                    # Through its Sandbox, whose lock keeps a call from starting it (restoring
+                    # a half-written image) while the checkpoint is being written.
+                    if mine is None:
+                        try:
+                            info = ContainerInfo.from_labels(record.name.rsplit(".", 1)[-1], record.labels)
+                        except (KeyError, ValueError):
+                            continue  # not made by this project's servers
+                        mine = self._adopt(record.name, info)
+                    log.info("reaper: %s: no server uses it", record.name)
+                    await self._sleep(mine)
         # Whichever comes first: a checkpoint (where the backend can) or a plain stop.
         checkpointing = (self.deployment.can_checkpoint and 0 < self.settings.idle_checkpoint <= self.settings.idle_stop)
         idle_for = self.settings.idle_checkpoint if checkpointing else self.settings.idle_stop

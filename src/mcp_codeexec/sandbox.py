@@ -332,10 +332,10 @@ class Sandbox:
     async def sleep(self) -> tuple[str, int | None]:
         """Put an idle sandbox to sleep: close this server's connection, then checkpoint it
         (memory saved; the next call's start restores it) where the backend can, else stop
-        it. Returns what sleep_sandbox() did."""
+        it. Returns what _sleep_sandbox() did."""
         async with self._lock:
             await self._drop_agent()
-            return await sleep_sandbox(self.deployment, self.name, self._lose_memory)
+            return await _sleep_sandbox(self.deployment, self.name, self._lose_memory)
 
     async def _drop_agent(self) -> None:
         if self._agent is not None:
@@ -347,8 +347,8 @@ class Sandbox:
         await self._drop_agent()
 
 
-async def sleep_sandbox(
-    deployment: Deployment, name: str, on_lost: Callable[[str], None] | None = None
+async def _sleep_sandbox(
+    deployment: Deployment, name: str, on_lost: Callable[[str], None]
 ) -> tuple[str, int | None]:
     """Checkpoint the running sandbox `name` once no server is connected to it, else stop
     it (the checkpoint failed, or the backend has none). A restored process cannot keep
@@ -366,8 +366,7 @@ async def sleep_sandbox(
                 return "checkpointed", await deployment.checkpoint(name)
             except CheckpointFailed as exc:
                 log.warning("%s: checkpoint failed, stopping it instead: %s", name, exc)
-                if on_lost is not None:
-                    on_lost(f"it could not be checkpointed when idle ({exc})")
+                on_lost(f"it could not be checkpointed ({exc})")
         await deployment.stop(name)
         return "stopped", None
     except SandboxGone:

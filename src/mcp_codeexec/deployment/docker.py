@@ -339,6 +339,7 @@ class DockerDeployment(Deployment):
 
     # --- checkpoint helpers (in a worker thread)
     def _start_from(self, name: str, checkpoint: str) -> None:
+        self._wait_written(self.api.inspect_container(name)["Id"], checkpoint)
         response = self.api._post(self.api._url("/containers/{0}/start", name), params={"checkpoint": checkpoint})
         self.api._raise_for_status(response)
 
@@ -356,6 +357,22 @@ class DockerDeployment(Deployment):
                 return []  # not experimental: there are none
             names = [c.get("Name", "") for c in response.json() or []]
         return [n for n in names if n.startswith(_CHECKPOINT_PREFIX)]
+
+    def _wait_written(self, container_id: str, checkpoint: str) -> None:
+        """Until runsc has finished writing the image. The engine lists a checkpoint, and
+        reports its container exited, while the image is still being written; its maker
+        may have been killed meanwhile (a client gives a server seconds to exit), and a
+        restore from a growing image fails. Done: unchanged for 2 s (the usual case:
+        at once). Unreadable here: no wait (a failed restore is a cold start)."""
+        image = os.path.join(self._root_dir, "containers", container_id, "checkpoints", checkpoint, "checkpoint.img")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if time.time() - os.stat(image).st_mtime > 2:
+                    return
+            except OSError:
+                return
+            time.sleep(0.25)
 
     def _checkpoint_bytes(self, container_id: str, checkpoint: str) -> int | None:
         """Disk taken by a checkpoint image; None where this process cannot read it."""
