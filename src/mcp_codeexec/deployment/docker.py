@@ -164,6 +164,7 @@ class DockerDeployment(Deployment):
         self._api: docker.APIClient | None = None
         self._collected_at = -1e9  # when orphaned quota filesystems were last released
         self._root_dir = "/var/lib/docker"  # the engine's; check() reads it (checkpoint sizes)
+        self._written: set[str] = set()  # checkpoints this process saw finished (no wait to restore)
 
     @property
     def api(self) -> docker.APIClient:
@@ -328,6 +329,9 @@ class DockerDeployment(Deployment):
             if response.status_code >= 400:
                 self._delete_checkpoints(name, [checkpoint])  # a partial image, if any
                 raise CheckpointFailed(f"the engine could not checkpoint {name}: {_short(response.text)}")
+            # runsc answers before its image is all on disk: done means written.
+            self._wait_written(container["Id"], checkpoint)
+            self._written.add(checkpoint)
             return self._checkpoint_bytes(container["Id"], checkpoint)
 
         if not self.can_checkpoint:
@@ -339,7 +343,9 @@ class DockerDeployment(Deployment):
 
     # --- checkpoint helpers (in a worker thread)
     def _start_from(self, name: str, checkpoint: str) -> None:
-        self._wait_written(self.api.inspect_container(name)["Id"], checkpoint)
+        if checkpoint not in self._written:
+            self._wait_written(self.api.inspect_container(name)["Id"], checkpoint)
+        self._written.discard(checkpoint)
         response = self.api._post(self.api._url("/containers/{0}/start", name), params={"checkpoint": checkpoint})
         self.api._raise_for_status(response)
 
@@ -359,11 +365,12 @@ class DockerDeployment(Deployment):
         return [n for n in names if n.startswith(_CHECKPOINT_PREFIX)]
 
     def _wait_written(self, container_id: str, checkpoint: str) -> None:
-        """Until runsc has finished writing the image. The engine lists a checkpoint, and
-        reports its container exited, while the image is still being written; its maker
-        may have been killed meanwhile (a client gives a server seconds to exit), and a
-        restore from a growing image fails. Done: unchanged for 2 s (the usual case:
-        at once). Unreadable here: no wait (a failed restore is a cold start)."""
+        """Until runsc has finished writing the image. The engine's checkpoint call returns,
+        lists the checkpoint and reports its container exited while runsc still writes the
+        image (seen here: half of 200 MB on disk), and a restore from a growing image fails
+        ("archive/tar: write too long", or containerd's "already exists"). Its maker may also
+        have been killed meanwhile (a client gives a server seconds to exit). Done: the file
+        unchanged for 2 s. Unreadable here: no wait (a failed restore is a cold start)."""
         image = os.path.join(self._root_dir, "containers", container_id, "checkpoints", checkpoint, "checkpoint.img")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
