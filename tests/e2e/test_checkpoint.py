@@ -32,7 +32,7 @@ SETUP_PY = "import hashlib, os\nx = 12345\nblob = os.urandom(200 << 20)\ndigest 
 CHECK_PY = "print(x, len(blob), hashlib.sha256(blob).hexdigest() == digest)"
 # A background process (outside the REPL) that appends a line to a file every 100 ms.
 WRITER = ("nohup bash -c 'while true; do echo tick >> /tmp/ticks; sleep 0.1; done' >/dev/null 2>&1 & "
-          "echo $! > /tmp/writer.pid; echo kept > kept.txt")
+          "echo $! > /tmp/writer.pid; echo kept > kept.txt; echo home > ~/home.txt")
 # The writer is the same process, alive, and still writing.
 CHECK_WRITER = ("p=$(cat /tmp/writer.pid); kill -0 $p && a=$(wc -l < /tmp/ticks) && sleep 1 && "
                 "b=$(wc -l < /tmp/ticks) && [ $b -gt $((a + 3)) ] && echo writer $p alive")
@@ -80,7 +80,8 @@ async def assert_state_kept(s: Session, cid: str, pid: str) -> None:
     assert r["stdout"] == f"12345 {200 << 20} True\n" and r["stderr"] == "", r
     r = await s.bash(CHECK_WRITER, meta=meta)
     assert r["stdout"] == f"writer {pid} alive\n", r
-    assert (await s.bash("cat kept.txt", meta=meta))["stdout"] == "kept\n"
+    # The workspace volume (quota-backed where the server runs as root) and the tmpfs home.
+    assert (await s.bash("cat kept.txt ~/home.txt", meta=meta))["stdout"] == "kept\nhome\n"
 
 
 async def listing(s: Session) -> dict[str, dict]:
