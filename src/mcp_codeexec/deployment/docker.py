@@ -296,11 +296,13 @@ class DockerDeployment(Deployment):
         container = await self._call(self.api.inspect_container, spec.name)
         labels = container["Config"].get("Labels") or {}
         saved = await self._call(self._checkpoints, container["Id"])
-        if await self._upgrade(labels, spec):
-            return Started(lost="it was re-made for this server version" if saved else "")
-        if container["State"].get("Running"):
+        upgraded = await self._upgrade(labels, spec)  # a new container: its checkpoints went with the old one
+        if container["State"].get("Running") and not upgraded:
             return Started()
         await self._call(self._reattach_workspace, spec.name)  # quota: loop devices do not survive a reboot
+        if upgraded:
+            await self._call(self.api.start, spec.name)
+            return Started(lost="it was re-made for this server version" if saved else "")
         started_at = _epoch_ms(container["State"].get("StartedAt", ""))
         fresh = sorted((c for c in saved if _made_at(c) > started_at), key=_made_at)
         lost = ""
