@@ -163,8 +163,8 @@ class ContainerManager:
             log.info("cap of %d running containers reached: idle %s goes to sleep", self.settings.max_running, idle[0].info.id)
             await self._sleep(idle[0])
 
-    async def _sleep(self, sandbox: Sandbox) -> None:
-        what, size = await sandbox.sleep()
+    async def _sleep(self, sandbox: Sandbox, unattached: bool = False) -> None:
+        what, size = await sandbox.sleep(unattached=unattached)
         if what == "checkpointed":
             self._saved[sandbox.name] = size or 0
         log.info("%s: %s", sandbox.name, what)
@@ -234,7 +234,9 @@ class ContainerManager:
                 await self.deployment.remove(record.name)
             elif record.running and not record.name.startswith(POOL_PREFIX):
                 mine = self._open.get(record.name)
-                if (mine is None or not mine.running) and not await self._in_use(record.name):
+                if mine is not None and (mine.running or mine.starting or mine.in_flight):
+                    continue  # ours, in use or being started (between its start and our connection)
+                if not await self._in_use(record.name):
                     # Running, but no server is attached (its server exited or was killed).
                     # Through its Sandbox, whose lock keeps a call from starting it (restoring
                     # a half-written image) while the checkpoint is being written.
@@ -245,7 +247,7 @@ class ContainerManager:
                             continue  # not made by this project's servers
                         mine = self._adopt(record.name, info)
                     log.info("reaper: %s: no server uses it", record.name)
-                    await self._sleep(mine)
+                    await self._sleep(mine, unattached=True)
         # Whichever comes first: a checkpoint (where the backend can) or a plain stop.
         checkpointing = (self.deployment.can_checkpoint and 0 < self.settings.idle_checkpoint <= self.settings.idle_stop)
         idle_for = self.settings.idle_checkpoint if checkpointing else self.settings.idle_stop

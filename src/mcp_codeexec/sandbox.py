@@ -329,11 +329,19 @@ class Sandbox:
             await self._drop_agent()
             await self.deployment.stop(self.name)
 
-    async def sleep(self) -> tuple[str, int | None]:
+    @property
+    def starting(self) -> bool:
+        """Being started or connected to right now (by a call, or at launch)."""
+        return self._lock.locked()
+
+    async def sleep(self, *, unattached: bool = False) -> tuple[str, int | None]:
         """Put an idle sandbox to sleep: close this server's connection, then checkpoint it
         (memory saved; the next call's start restores it) where the backend can, else stop
-        it. Returns what _sleep_sandbox() did."""
+        it. Returns what _sleep_sandbox() did, or ("in use", None) if a call came in
+        meanwhile (or, with `unattached`, this server connected to it meanwhile)."""
         async with self._lock:
+            if self.in_flight or (unattached and self.running):
+                return "in use", None
             await self._drop_agent()
             return await _sleep_sandbox(self.deployment, self.name, self._lose_memory)
 
