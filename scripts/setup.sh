@@ -13,8 +13,9 @@
 #     true, for checkpoint/restore);
 #  3. starts dockerd if it is not answering (systemd when it is PID 1, else
 #     in the background, log .cache/dockerd.log, pid in .cache/dockerd.pid);
-#     reloads it (SIGHUP) if the runtimes changed, restarts it if
-#     "experimental" had to be added;
+#     reloads it (SIGHUP) if the runtimes changed, restarts it (once) if it
+#     is not in experimental mode, which checkpoint/restore needs (its
+#     running containers stop then);
 #  4. builds the sandbox image (sandbox/build.sh; MCP_CODEEXEC_IMAGE_SOURCE=
 #     auto|registry|no-registry picks its mode, default auto);
 #  5. creates .venv and installs the project with its test extra (again only
@@ -263,44 +264,25 @@ dockerd_pid() {
     pidof dockerd 2>/dev/null | awk '{ print $1 }'
 }
 
-# Own session, no inherited descriptors (not the lock, not the caller's
-# stdout: serve.sh's stdout is an MCP stream).
-start_dockerd() {
+start_dockerd() { # [restart]: a daemon that ran before, so not ours to stop
+    # Own session, no inherited descriptors (not the lock, not the caller's
+    # stdout: serve.sh's stdout is an MCP stream).
     printf '\n===== %s starting %s\n' "$(date '+%F %T')" "$DOCKERD" >>"$DOCKERD_LOG"
     DOCKERD_LOG_MARK=$(wc -l <"$DOCKERD_LOG")
     "${SUDO[@]}" setsid "$DOCKERD" </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
-    launcher=$!
+    local launcher=$! pid
     wait_for_docker "$launcher"
     pid="$(dockerd_pid)"
     [[ -n "$pid" ]] || pid="$launcher"
     echo "$pid" >"$DOCKERD_PIDFILE"
-    if [[ -n "${MCP_CODEEXEC_DOCKERD_STARTED_FILE:-}" ]]; then
+    if [[ -n "${MCP_CODEEXEC_DOCKERD_STARTED_FILE:-}" && "${1:-}" != restart ]]; then
         echo "$pid" >"$MCP_CODEEXEC_DOCKERD_STARTED_FILE"
     fi
     summary_dockerd="started (pid $pid, log .cache/dockerd.log)"
 }
 
 if docker_ok; then
-    summary_dockerd="running"
-    # It read daemon.json before this run changed it.
-    if [[ "$daemon_json_state" == restart ]]; then
-        if systemd_is_init; then
-            logged "systemctl restart docker" "${SUDO[@]}" systemctl restart docker
-            wait_for_docker ""
-            summary_dockerd="restarted by systemd (daemon.json: experimental)"
-        else
-            pid="$(dockerd_pid)"
-            [[ -n "$pid" ]] || die "cannot find dockerd's pid to restart it"
-            "${SUDO[@]}" kill -TERM "$pid"
-            deadline=$((SECONDS + DOCKERD_TIMEOUT))
-            while [[ -d "/proc/$pid" ]]; do
-                ((SECONDS < deadline)) || die "dockerd (pid $pid) did not stop within ${DOCKERD_TIMEOUT}s"
-                sleep 0.5
-            done
-            start_dockerd
-            summary_dockerd="re${summary_dockerd} (daemon.json: experimental)"
-        fi
-    fi
+    summary_dockerd="running"  # restarted below if daemon.json had to add experimental mode
 elif [[ "$(id -u)" -ne 0 ]] && sudo -n "${DOCKER_CMD[@]}" version >/dev/null 2>&1; then
     die "dockerd runs but $(id -un) may not use it: add the user to the docker group (or run as root)"
 elif systemd_is_init; then
@@ -328,6 +310,29 @@ if [[ "$daemon_json_state" == reload && "$summary_dockerd" == running ]] || ! do
     summary_dockerd+=", reloaded"
 fi
 summary_dockerd+=", runtimes include runsc"
+
+# Experimental mode is read at start only: a daemon without it is restarted,
+# once (its containers stop; mcp-codeexec's restart on their next use).
+docker_experimental() { [[ "$(dk info --format '{{.ExperimentalBuild}}' 2>/dev/null)" == true ]]; }
+if ! docker_experimental; then
+    if systemd_is_init; then
+        logged "systemctl restart docker" "${SUDO[@]}" systemctl restart docker
+        wait_for_docker ""
+    else
+        pid="$(dockerd_pid)"
+        [[ -n "$pid" ]] || die "cannot find dockerd's pid to restart it in experimental mode"
+        "${SUDO[@]}" kill -TERM "$pid"
+        deadline=$((SECONDS + 60))
+        while [[ -d "/proc/$pid" ]]; do
+            ((SECONDS < deadline)) || die "dockerd (pid $pid) did not exit within 60s; restart it by hand"
+            sleep 0.2
+        done
+        start_dockerd restart
+    fi
+    docker_experimental || die "dockerd is not in experimental mode after a restart (see $DAEMON_JSON, $DOCKERD_LOG)"
+    summary_dockerd+=", restarted in experimental mode"
+fi
+summary_dockerd+=", experimental (checkpoints)"
 
 # ---------------------------------------------------------- 4. the image
 # build.sh prints one line on stdout ("cached: ..." or "built: ...") and

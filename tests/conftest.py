@@ -48,6 +48,11 @@ def remove_test_containers(api: docker.APIClient) -> None:
             anyio.run(backend.remove, name)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart the engine go last: nothing else is running on it then."""
+    items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"

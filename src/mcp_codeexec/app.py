@@ -46,7 +46,10 @@ class App:
             policy = self.policies.get(tenant) or self.policies.get(DEFAULTS)
             return policy.max_containers if policy else None
 
-        self.files = FileStore(data_dir / "files", settings.file_retention, stored)
+        def checkpoint_bytes(tenant: str) -> int:  # saved sandbox memory counts as stored bytes
+            return self._containers.checkpoint_bytes(tenant) if self._containers is not None else 0
+
+        self.files = FileStore(data_dir / "files", settings.file_retention, stored, checkpoint_bytes)
         self.limits = Limits(self.policies)
         self.usage = Usage(data_dir / "usage.json")
         self.metrics = Metrics()

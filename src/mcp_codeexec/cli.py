@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
                          "container, as in the Claude API. Changes the published input schemas (off by default)")
     ap.add_argument("--lifetime", default="30d", help="containers expire this long after creation (default 30d; e.g. 1h, 90s)")
     ap.add_argument("--idle-stop", default="15m", help="stop a container after this long without calls; files stay (default 15m)")
+    ap.add_argument("--idle-checkpoint", default="5m",
+                    help="checkpoint a container after this long without calls: its processes and memory are saved "
+                    "and its next call restores them (gVisor; default 5m; 0: never; a shorter --idle-stop wins)")
     ap.add_argument("--max-running", type=int, default=d.max_running, help=f"running containers per server (default {d.max_running})")
     ap.add_argument("--pool", type=int, default=d.pool_size, help="started containers kept ready for new sessions (default 0)")
     ap.add_argument("--no-prepare", action="store_true", help="do not start the session's container before its first call")
@@ -185,6 +188,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         container_handles=args.container_handles,
         lifetime=parse_duration(args.lifetime),
         idle_stop=parse_duration(args.idle_stop),
+        idle_checkpoint=parse_duration(args.idle_checkpoint),
         max_running=args.max_running,
         pool_size=args.pool,
         prepare_session=not args.no_prepare and args.transport == "stdio",

@@ -74,6 +74,9 @@ class Settings(BaseModel):
     prepare_session: bool = True  # stdio: start the session's container at launch
     max_running: int = Field(default=32, ge=1)  # running containers per server; idle ones are stopped past it
     idle_stop: float = 900.0  # seconds without a call before a container is stopped (files kept)
+    # Seconds without a call before a container is checkpointed (memory saved, then stopped;
+    # restored by the next call) where the backend can; 0: never (idle_stop applies).
+    idle_checkpoint: float = 300.0
     reap_interval: float = 60.0
     disk_bytes: int = Field(default=5 << 30, ge=0)  # workspace disk quota per sandbox; 0: none
     # Where quota-backed workspaces' filesystems live ("" = /var/lib/mcp-codeexec/workspaces

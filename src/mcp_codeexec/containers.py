@@ -1,4 +1,4 @@
-"""Containers as durable workspaces: creation, reuse by id, expiry, idle stop, warm pool.
+"""Containers as durable workspaces: creation, reuse by id, expiry, idle sleep, warm pool.
 
 The engine is the only record. A container's name says who owns it and its id
 (`mcp-codeexec.<tenant>.<id>`); its labels say when it was created and when it expires; its
@@ -10,6 +10,12 @@ with the server that made them, and handed out by that server alone with the bac
 `claim` (an atomic rename for Docker), so no container is ever handed to two sessions, even
 by two server processes. A pool container that no server is connected to (its server
 exited or was killed) is an orphan, and any server's reaper removes it.
+
+Sleep: a container idle past `idle_checkpoint` (or the least recently used one, past the
+running cap, or every one this server leaves when it exits, or one a killed server left
+running) is checkpointed where the backend can: its processes and memory are saved with
+it and its next call restores them. Where it cannot, it is stopped (files kept). The saved
+images count toward the tenant's stored bytes (`checkpoint_bytes`).
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class ContainerManager:
         self._pool_scope = anyio.CancelScope()
         self._pool_stopped = anyio.Event()
         self._pool_started = False
+        self._saved: dict[str, int] = {}  # checkpoint image bytes by container name
 
     # --- lookup and creation -----------------------------------------------------------
 
@@ -143,8 +150,9 @@ class ContainerManager:
         return sandbox
 
     async def _make_room(self, starting: Sandbox) -> None:
-        """Keep at most max_running containers running: stop the least recently used idle
-        one, or refuse if every one is busy."""
+        """Keep at most max_running containers running: put the least recently used idle
+        one to sleep, or refuse if every one is busy."""
+        self._saved.pop(starting.name, None)  # its image, if any, is restored (or dropped) now
         async with self._start_lock:
             running = [s for s in self._open.values() if s.running and s is not starting and s not in self._pool]
             if len(running) + len(self._pool) < self.settings.max_running:
@@ -152,8 +160,20 @@ class ContainerManager:
             idle = sorted((s for s in running if s.in_flight == 0), key=lambda s: s.last_used)
             if not idle:
                 raise TooManyContainers(f"{len(running)} containers are running and busy (cap {self.settings.max_running})")
-            log.info("cap of %d running containers reached: stopping idle %s", self.settings.max_running, idle[0].info.id)
-            await idle[0].stop()
+            log.info("cap of %d running containers reached: idle %s goes to sleep", self.settings.max_running, idle[0].info.id)
+            await self._sleep(idle[0])
+
+    async def _sleep(self, sandbox: Sandbox, unattached: bool = False) -> None:
+        what, size = await sandbox.sleep(unattached=unattached)
+        if what == "checkpointed":
+            self._saved[sandbox.name] = size or 0
+        log.info("%s: %s", sandbox.name, what)
+
+    def checkpoint_bytes(self, tenant: str) -> int:
+        """Bytes of the tenant's containers' saved memory (as of the last reaper pass and
+        this server's own checkpoints since), counted with its stored files."""
+        prefix = f"{PREFIX}{tenant}."
+        return sum(size for name, size in self._saved.items() if name.startswith(prefix))
 
     # --- background work ---------------------------------------------------------------
 
@@ -198,9 +218,12 @@ class ContainerManager:
 
     async def reap(self) -> None:
         """Remove expired containers (and their workspaces) and orphaned pool containers;
-        stop containers idle for longer than idle_stop."""
+        put containers idle for longer than idle_checkpoint to sleep (or stop those idle
+        for longer than idle_stop where there is no checkpointing)."""
         now = datetime.now(UTC)
-        for record in await self.deployment.list(PREFIX) + await self.deployment.list(POOL_PREFIX):
+        records = await self.deployment.list(PREFIX)
+        self._saved = {r.name: r.checkpoint_bytes or 0 for r in records if r.checkpointed}
+        for record in records + await self.deployment.list(POOL_PREFIX):
             expires = record.labels.get(f"{LABEL}.expires_at")
             orphan = record.name.startswith(POOL_PREFIX) and await self._orphaned(record, now)
             if orphan or (expires and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= now):
@@ -211,19 +234,32 @@ class ContainerManager:
                 await self.deployment.remove(record.name)
             elif record.running and not record.name.startswith(POOL_PREFIX):
                 mine = self._open.get(record.name)
-                if (mine is None or not mine.running) and not await self._in_use(record.name):
+                if mine is not None and (mine.running or mine.starting or mine.in_flight):
+                    continue  # ours, in use or being started (between its start and our connection)
+                if not await self._in_use(record.name):
                     # Running, but no server is attached (its server exited or was killed).
-                    log.info("reaper: stopping %s: no server uses it", record.name)
-                    await self.deployment.stop(record.name)
-        idle_for = self.settings.idle_stop
+                    # Through its Sandbox, whose lock keeps a call from starting it (restoring
+                    # a half-written image) while the checkpoint is being written.
+                    if mine is None:
+                        try:
+                            info = ContainerInfo.from_labels(record.name.rsplit(".", 1)[-1], record.labels)
+                        except (KeyError, ValueError):
+                            continue  # not made by this project's servers
+                        mine = self._adopt(record.name, info)
+                    log.info("reaper: %s: no server uses it", record.name)
+                    await self._sleep(mine, unattached=True)
+        # Whichever comes first: a checkpoint (where the backend can) or a plain stop.
+        checkpointing = (self.deployment.can_checkpoint and 0 < self.settings.idle_checkpoint <= self.settings.idle_stop)
+        idle_for = self.settings.idle_checkpoint if checkpointing else self.settings.idle_stop
         for sandbox in list(self._open.values()):
             if sandbox.running and sandbox.in_flight == 0 and sandbox not in self._pool:
                 if time.monotonic() - sandbox.last_used > idle_for:
-                    await self._idle(sandbox, idle_for)
+                    await self._idle(sandbox, idle_for, checkpointing)
 
-    async def _idle(self, sandbox: Sandbox, idle_for: float) -> None:
-        """Idle here: stop it, unless another server (another replica, another stdio client's
-        server) is connected to it too; then only let go of it, and the last one stops it."""
+    async def _idle(self, sandbox: Sandbox, idle_for: float, checkpointing: bool) -> None:
+        """Idle here: put it to sleep (checkpointed, or stopped), unless another server
+        (another replica, another stdio client's server) is connected to it too; then only
+        let go of it, and the last one puts it to sleep."""
         try:
             others = ((await self.deployment.inspect(sandbox.name)).in_use or 0) - 1
         except SandboxGone:
@@ -232,8 +268,11 @@ class ContainerManager:
             log.info("%s idle here for over %ds but used by another server: detaching", sandbox.info.id, idle_for)
             await sandbox.detach()
             return
-        log.info("stopping %s: idle for over %ds", sandbox.info.id, idle_for)
-        await sandbox.stop()
+        log.info("%s: idle for over %ds", sandbox.info.id, idle_for)
+        if checkpointing:
+            await self._sleep(sandbox)
+        else:
+            await sandbox.stop()
 
     async def _orphaned(self, record: SandboxRecord, now: datetime) -> bool:
         """Another server's pool container that no server is connected to, and old enough
@@ -281,28 +320,28 @@ class ContainerManager:
                     "id": info.id,
                     "created_at": iso(info.created_at),
                     "expires_at": iso(info.expires_at),
-                    "state": "expired" if info.expired else "running" if record.running else "stopped",
+                    "state": "expired" if info.expired else "running" if record.running
+                    else "checkpointed" if record.checkpointed else "stopped",
                     # None when the backend does not measure it (quota volumes on a loop device)
                     "size_bytes": record.size_bytes,
+                    # its saved memory (state checkpointed), counted with the tenant's stored files
+                    "checkpoint_bytes": record.checkpoint_bytes if record.checkpointed else 0,
                 }
             )
         return sorted(listing, key=lambda c: c["created_at"])
 
     async def shutdown(self) -> None:
-        """Remove this process's pool; detach from every other container and stop those no
-        other server uses (their files stay; the next use restarts them)."""
+        """Remove this process's pool; detach from every other container and put those no
+        other server uses to sleep (checkpointed: the next use restores them, memory and
+        all; else stopped: their files stay)."""
 
         async def release(sandbox: Sandbox) -> None:
-            was_running = sandbox.running
-            await sandbox.detach()
-            if not was_running:
+            if not sandbox.running:
+                await sandbox.detach()
                 return
             try:
-                with anyio.move_on_after(2):  # our own agent takes a moment to see EOF and exit
-                    while (await self.deployment.inspect(sandbox.name)).in_use:
-                        await anyio.sleep(0.1)
-                    await self.deployment.stop(sandbox.name)
-            except (SandboxGone, BackendUnavailable):
+                await sandbox.sleep()
+            except BackendUnavailable:
                 pass
 
         self._pool_scope.cancel()

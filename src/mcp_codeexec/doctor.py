@@ -3,9 +3,10 @@ command that fixes it.
 
 Checks, in order: the Docker Engine; the gVisor runtime registered with it (its binary,
 release, platform, network setting); a sandbox actually starting under it; the sandbox
-image and its manifest; the workspace disk quota mechanism (losetup as root here, or
-through the engine in helper containers; mkfs.ext4; loop devices: a small filesystem is
-made, attached and removed).
+image and its manifest; checkpoint/restore (a sandbox with a Python variable is put to
+sleep and woken up: idle sandboxes keep their memory); the workspace disk quota mechanism
+(losetup as root here, or through the engine in helper containers; mkfs.ext4; loop
+devices: a small filesystem is made, attached and removed).
 
 Exit status: 0 when the server can run sandboxes here (warnings allowed: e.g. no disk
 quota, which the server then runs without), 1 when something essential is missing.
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import docker
 import docker.errors
@@ -145,6 +147,62 @@ def check_start(r: Report, api: docker.APIClient, runtime: str, image: str) -> N
              f"(CPUs seen when pinned to 1: {out.split()[0]}; network interfaces: {' '.join(out.split()[1:])})")
 
 
+def check_checkpoint(r: Report, runtime: str, image: str) -> None:
+    """One sandbox made as the server makes them, a REPL variable set, checkpointed through
+    the backend, restored, and the variable read back."""
+    import anyio  # the server's own path, which is asynchronous
+
+    from mcp_codeexec.agent import protocol as p
+    from mcp_codeexec.deployment.docker import DockerDeployment
+    from mcp_codeexec.sandbox import ContainerInfo, Sandbox, sandbox_spec
+
+    settings = Settings(runtime=runtime, image=image, memory_bytes=512 << 20)
+    info = ContainerInfo.new(timedelta(minutes=10))
+    name = f"mcp-codeexec-doctor-{secrets.token_hex(4)}"
+    spec = sandbox_spec(settings, name, f"{name}-ws", info)
+    cell = lambda code: p.Repl(code=code, timeout=60, max_output=1000, timeout_is_result=True,  # noqa: E731
+                               stream=False, cwd=settings.workdir)
+
+    async def attempt() -> str:
+        backend = DockerDeployment(runtime)
+        await backend.check(image)
+        if not backend.can_checkpoint:
+            return "off: the engine is not in experimental mode" if runtime == "runsc" else f"off: runtime {runtime}"
+        await backend.create(spec)
+        try:
+            async with anyio.create_task_group() as tg:
+                sandbox = Sandbox(settings, backend, tg, name, info)
+                await sandbox.request(cell("x = 41"), 90)
+                started = time.monotonic()
+                what, size = await sandbox.sleep()
+                slept = time.monotonic() - started
+                if what != "checkpointed":
+                    raise RuntimeError(f"the sandbox was {what}, not checkpointed: {sandbox.take_notice().strip()}")
+                started = time.monotonic()
+                reply = await sandbox.request(cell("print(x + 1)"), 90)
+                woke = time.monotonic() - started
+                if reply.stdout != "42\n":
+                    raise RuntimeError(f"the variable did not survive: {(reply.stdout + reply.stderr)[-300:]}")
+                await sandbox.detach()
+                tg.cancel_scope.cancel()
+            return f"a sandbox slept in {slept:.1f}s ({(size or 0) >> 20} MiB image) and woke with its memory in {woke:.1f}s"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await backend.remove(name)
+
+    try:
+        detail = anyio.run(attempt)
+    except Exception as exc:  # noqa: BLE001 - report whatever went wrong
+        r.warn("checkpoint", f"checkpoint/restore failed: {exc}; idle sandboxes will be stopped (files kept, memory lost)",
+               f"{SETUP} turns on the engine's experimental mode; see the engine's log")
+        return
+    if detail.startswith("off"):
+        r.warn("checkpoint", f"{detail}; idle sandboxes will be stopped (files kept, memory lost)",
+               f"{SETUP} sets \"experimental\": true in /etc/docker/daemon.json and restarts dockerd")
+    else:
+        r.ok("checkpoint", detail)
+
+
 def check_image(r: Report, api: docker.APIClient, image: str) -> bool:
     try:
         info = api.inspect_image(image)
@@ -245,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         r.print()
         if runtime_ok and image_ok and not args.quick:
             check_start(r, api, args.runtime, args.image)
+            r.print()
+            check_checkpoint(r, args.runtime, args.image)
             r.print()
     check_quota(r, api, parse_size(args.disk), args.quota_dir, args.image)
     r.print()

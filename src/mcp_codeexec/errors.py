@@ -92,6 +92,11 @@ class NameTaken(CodeExecError):
     """A sandbox of that name exists already (a rename lost a race)."""
 
 
+class CheckpointFailed(Unavailable):
+    """The backend could not save a sandbox's memory (or cannot at all): the caller stops
+    the sandbox instead, and says the memory was lost."""
+
+
 class QuotaError(Unavailable):
     """A disk-quota operation failed (the message says which and why)."""
 

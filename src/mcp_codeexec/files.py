@@ -80,17 +80,23 @@ class StoreFull(Exception):
 
 class FileStore:
     """`cap(tenant)` is how many bytes of files a tenant may keep (outputs and uploads
-    together); past it `add` raises StoreFull. Usage is counted once per tenant from disk,
-    then kept up to date (one server process writes a data directory)."""
+    together, plus `elsewhere(tenant)`: bytes it keeps outside the store, its containers'
+    checkpoint images); past it `add` raises StoreFull. File usage is counted once per
+    tenant from disk, then kept up to date (one server process writes a data directory)."""
 
-    def __init__(self, root: Path, retention: float | None = None, cap: Callable[[str], int] | None = None) -> None:
+    def __init__(self, root: Path, retention: float | None = None, cap: Callable[[str], int] | None = None,
+                 elsewhere: Callable[[str], int] | None = None) -> None:
         self.root = root
         self.retention = retention  # seconds; None keeps files until deleted
         self.cap = cap or (lambda tenant: DEFAULT_MAX_STORED_BYTES)
-        self._used: dict[str, int] = {}
+        self.elsewhere = elsewhere or (lambda tenant: 0)
+        self._used: dict[str, int] = {}  # files' bytes per tenant
         self._lock = threading.Lock()  # add/delete run in worker threads
 
     def used(self, tenant: str) -> int:
+        return self._files_used(tenant) + self.elsewhere(tenant)
+
+    def _files_used(self, tenant: str) -> int:
         with self._lock:
             if tenant not in self._used:
                 self._used[tenant] = sum(m.size_bytes for m in self.list(tenant))
@@ -104,11 +110,12 @@ class FileStore:
         return self.root / tenant / file_id if _ID.fullmatch(file_id) else None
 
     def add(self, tenant: str, filename: str, data: bytes, container_id: str | None = None, path: str | None = None) -> FileMeta:
-        used = self.used(tenant)
-        if used + len(data) > self.cap(tenant):
+        files, elsewhere = self._files_used(tenant), self.elsewhere(tenant)
+        if files + elsewhere + len(data) > self.cap(tenant):
             raise StoreFull(
                 f"keeping {len(data)} more bytes would exceed the {self.cap(tenant)}-byte cap on stored files "
-                f"({used} bytes stored); delete files to make room"
+                f"({files} bytes of files stored" + (f", {elsewhere} of saved sandbox memory" if elsewhere else "")
+                + "); delete files to make room"
             )
         file_id = new_file_id()
         meta = FileMeta(
@@ -128,7 +135,7 @@ class FileStore:
         (staging / "meta.json").write_text(json.dumps(asdict(meta)))
         os.replace(staging, final)  # a file is there whole, or not at all
         with self._lock:
-            self._used[tenant] = self._used.get(tenant, used) + len(data)
+            self._used[tenant] = self._used.get(tenant, files) + len(data)
         return meta
 
     def get(self, tenant: str, file_id: str) -> FileMeta | None:

@@ -3,6 +3,10 @@
 The agent is started lazily and again whenever it dies. When the whole sandbox dies (the
 host kills it past its memory limit) or stops answering past the backstop, the sandbox
 is restarted: its workspace lives on a volume, so files survive.
+
+An idle sandbox is checkpointed where the backend can (its processes and memory saved,
+then stopped) and restored by the next call's start; when its memory is lost instead (the
+restore failed, or the checkpoint did), the next command's result says so on stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mcp_codeexec.agent.client import AgentClient, AgentDied, CommandTools, conn
 from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment.base import Deployment, SandboxSpec
 from mcp_codeexec.errors import (
+    CheckpointFailed,
     CodeExecError,
     ContainerExpired,
     ExecutionTimeExceeded,
@@ -131,6 +136,7 @@ class Sandbox:
         self.last_used = time.monotonic()
         self._agent: AgentClient | None = None
         self._lock = anyio.Lock()  # guards (re)start of the container and the agent
+        self._notice = ""  # for the next command's stderr: its memory was lost
 
     @property
     def tenant(self) -> str:
@@ -158,11 +164,27 @@ class Sandbox:
                 # Made by an older version (agent exec'd as uid 1000)? The backend re-creates
                 # it around the same workspace; processes still running in it are lost.
                 volume = f"mcp-codeexec-ws.{self.info.id}"  # the backend keeps the one it has
-                await self.deployment.start(sandbox_spec(self.settings, self.name, volume, self.info))
+                started = await self.deployment.start(sandbox_spec(self.settings, self.name, volume, self.info))
             except SandboxGone:
                 raise ContainerExpired(f"container {self.info.id} no longer exists") from None
+            if started.lost:
+                self._lose_memory(started.lost)
+            elif started.restored:
+                log.info("sandbox %s: restored from its checkpoint", self.info.id)
             self._agent = await self._connect()
             return self._agent
+
+    def _lose_memory(self, why: str) -> None:
+        log.warning("sandbox %s: memory lost: %s", self.info.id, why)
+        self._notice = (
+            f"[mcp-codeexec] this sandbox was restarted without its memory: {why}. Files in the workspace are "
+            "intact; Python variables and background processes from earlier calls are gone.\n"
+        )
+
+    def take_notice(self) -> str:
+        """What the next command's result must say on stderr (once), or ""."""
+        notice, self._notice = self._notice, ""
+        return notice
 
     async def _connect(self) -> AgentClient:
         config = {"root": self.settings.workdir, "rlimit_as": self.settings.rlimit_as}
@@ -307,6 +329,22 @@ class Sandbox:
             await self._drop_agent()
             await self.deployment.stop(self.name)
 
+    @property
+    def starting(self) -> bool:
+        """Being started or connected to right now (by a call, or at launch)."""
+        return self._lock.locked()
+
+    async def sleep(self, *, unattached: bool = False) -> tuple[str, int | None]:
+        """Put an idle sandbox to sleep: close this server's connection, then checkpoint it
+        (memory saved; the next call's start restores it) where the backend can, else stop
+        it. Returns what _sleep_sandbox() did, or ("in use", None) if a call came in
+        meanwhile (or, with `unattached`, this server connected to it meanwhile)."""
+        async with self._lock:
+            if self.in_flight or (unattached and self.running):
+                return "in use", None
+            await self._drop_agent()
+            return await _sleep_sandbox(self.deployment, self.name, self._lose_memory)
+
     async def _drop_agent(self) -> None:
         if self._agent is not None:
             await self._agent.aclose()
@@ -315,3 +353,29 @@ class Sandbox:
     async def detach(self) -> None:
         """Close this server's agent connection; the container keeps running."""
         await self._drop_agent()
+
+
+async def _sleep_sandbox(
+    deployment: Deployment, name: str, on_lost: Callable[[str], None]
+) -> tuple[str, int | None]:
+    """Checkpoint the running sandbox `name` once no server is connected to it, else stop
+    it (the checkpoint failed, or the backend has none). A restored process cannot keep
+    fds an exec gave it, so every relay must be gone first: ours exits a moment after we
+    close its stream. Returns ("checkpointed", the image's bytes), ("stopped", None), or
+    ("in use", None): another server still is connected, and it is left running."""
+    try:
+        with anyio.move_on_after(5):
+            while (await deployment.inspect(name)).in_use:
+                await anyio.sleep(0.1)
+        if (await deployment.inspect(name)).in_use:
+            return "in use", None
+        if deployment.can_checkpoint:
+            try:
+                return "checkpointed", await deployment.checkpoint(name)
+            except CheckpointFailed as exc:
+                log.warning("%s: checkpoint failed, stopping it instead: %s", name, exc)
+                on_lost(f"it could not be checkpointed ({exc})")
+        await deployment.stop(name)
+        return "stopped", None
+    except SandboxGone:
+        return "stopped", None

@@ -182,7 +182,8 @@ async def _command(
         return Outcome(error_cls(error_code="execution_time_exceeded"), sandbox)
     files: list[FileMeta] = []
     images: list[tuple[str, bytes]] = []
-    stderr = reply.stderr
+    # First: this sandbox came back without its memory (a failed restore): never silently.
+    stderr = (sandbox.take_notice() if sandbox is not None else "") + reply.stderr
     if reply.files_note:
         stderr += f"[mcp-codeexec] {reply.files_note}\n"
     if store is not None and reply.files and sandbox is not None:

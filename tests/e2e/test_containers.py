@@ -204,16 +204,18 @@ async def test_containers_resource_states_times_and_size(engine):
         cid, expires_at = a.last_meta["container"]["id"], a.last_meta["container"]["expires_at"]
         after = datetime.now().astimezone()
         mine = (await containers_listing(a))[cid]
-        assert set(mine) == {"id", "created_at", "expires_at", "state", "size_bytes"}
+        assert set(mine) == {"id", "created_at", "expires_at", "state", "size_bytes", "checkpoint_bytes"}
+        assert mine["checkpoint_bytes"] == 0
         assert mine["state"] == "running" and mine["expires_at"] == expires_at
         created = parse_time(mine["created_at"])
         assert before <= created <= after
         assert parse_time(mine["expires_at"]) - created == timedelta(seconds=lifetime)
         # The engine measures the workspace volume: the 3 MB file, and not much more.
         assert 3_000_000 <= mine["size_bytes"] < 3_500_000, mine
-    # Its server is gone: the container is stopped, files kept. (Its "expired" state is
+    # Its server is gone: the container is checkpointed (asleep with its memory), files kept. (Its "expired" state is
     # checked in test_containers_listing_says_expired: any server on the engine reaps an
     # expired container, so here it could be gone before it is listed.)
     async with connect(*args, "--no-prepare") as b:
         listing = await containers_listing(b)
-        assert listing[cid]["state"] == "stopped" and listing[cid]["size_bytes"] >= 3_000_000, listing[cid]
+        assert listing[cid]["state"] == "checkpointed" and listing[cid]["size_bytes"] >= 3_000_000, listing[cid]
+        assert listing[cid]["checkpoint_bytes"] > 1_000_000, listing[cid]  # a Python and a shell, at least

@@ -7,9 +7,9 @@ import builtins
 from dataclasses import dataclass, field
 from typing import Any
 
-from mcp_codeexec.errors import BackendUnavailable, NameTaken, SandboxGone
+from mcp_codeexec.errors import BackendUnavailable, CheckpointFailed, NameTaken, SandboxGone
 
-__all__ = ["BackendUnavailable", "NameTaken", "SandboxGone"]  # re-exported for backends
+__all__ = ["BackendUnavailable", "CheckpointFailed", "NameTaken", "SandboxGone"]  # re-exported for backends
 
 
 # The sandbox's own processes (its init and the agent) run as root inside the sandbox
@@ -52,6 +52,20 @@ class SandboxRecord:
     oom_killed: bool = False  # the host killed it (or part of it) for memory
     in_use: int | None = None  # agent connections open (of any server); inspect() counts them
     size_bytes: int | None = None  # the workspace's bytes; list(sizes=True) measures them
+    # Stopped with its memory saved (checkpoint()): the next start() restores it. list()
+    # fills both; checkpoint_bytes is None where the backend cannot measure the image.
+    checkpointed: bool = False
+    checkpoint_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """What start() did: `restored` the sandbox's memory from its checkpoint, or `lost` it
+    (non-empty: why, e.g. the image was unreadable; the sandbox was started cold, its
+    files intact). Neither: there was no memory to keep (a cold start, or already running)."""
+
+    restored: bool = False
+    lost: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,8 @@ class AgentStream(abc.ABC):
 class Deployment(abc.ABC):
     """Where sandboxes run. Nine verbs that serve Docker and Kubernetes alike; names are the
     layers' own (`mcp-codeexec.<tenant>.<id>`), labels are the only state kept with a
-    sandbox. Two more are optional: `image_manifest`, `aclose`. See docs/architecture.md for how each
+    sandbox. Three more are optional: `image_manifest`, `aclose`, and `checkpoint` for
+    backends that set `can_checkpoint`. See docs/architecture.md for how each
     verb maps to Docker and to Kubernetes."""
 
     @abc.abstractmethod
@@ -94,11 +109,17 @@ class Deployment(abc.ABC):
     async def create(self, spec: SandboxSpec) -> None:
         """Create (not start) the sandbox and its workspace storage; NameTaken if it exists."""
 
+    # Whether checkpoint() works here (Docker: an experimental engine and gVisor). Kubernetes
+    # cannot restore a pod's memory, so it leaves this False and its sandboxes are stopped.
+    can_checkpoint: bool = False
+
     @abc.abstractmethod
-    async def start(self, spec: SandboxSpec) -> None:
-        """Make the sandbox `spec.name` run: started if stopped, and re-made around the same
+    async def start(self, spec: SandboxSpec) -> Started:
+        """Make the sandbox `spec.name` run: restored from its checkpoint if it has one
+        (processes and memory as they were), else started, and re-made around the same
         workspace when an older version made it to another layout (processes still running
-        in it are lost). Running already: nothing. SandboxGone if it does not exist."""
+        in it are lost). Running already: nothing. A restore that fails falls back to a
+        cold start and says so in the result. SandboxGone if it does not exist."""
 
     @abc.abstractmethod
     async def stop(self, name: str) -> None:
@@ -129,6 +150,13 @@ class Deployment(abc.ABC):
 
     async def aclose(self) -> None:
         """Release what the backend holds open (its API clients) at server shutdown."""
+
+    async def checkpoint(self, name: str) -> int | None:
+        """Stop the running sandbox with its memory saved, for start() to restore; returns
+        the saved image's bytes (None: not measurable). Every connection to its agent must
+        be closed first (a process holding an exec's fds cannot be restored). Raises
+        CheckpointFailed, after which the sandbox may still run: the caller stops it."""
+        raise CheckpointFailed("this backend cannot checkpoint sandboxes")
 
     async def image_manifest(self, image: str) -> dict[str, Any] | None:
         """What the sandbox image has installed (deployment/image.py), for the system prompt; None

@@ -37,11 +37,13 @@ from mcp_codeexec.deployment.base import (
     AgentStream,
     BackendInfo,
     BackendUnavailable,
+    CheckpointFailed,
     Deployment,
     NameTaken,
     SandboxGone,
     SandboxRecord,
     SandboxSpec,
+    Started,
 )
 from mcp_codeexec.deployment.image import read_manifest
 
@@ -60,6 +62,27 @@ def _socket_path() -> str:
 
 
 LAYOUT_LABEL = "org.mcp-codeexec.layout"
+# Checkpoints are named for when they were made (ms since the epoch): one made before the
+# container's last start is stale (the sandbox ran on since) and is never restored.
+_CHECKPOINT_PREFIX = "mcp-codeexec-"
+
+
+def _epoch_ms(stamp: str) -> int:
+    """The engine's RFC 3339 time (nanoseconds, Z) in ms; 0 for its zero time or garbage."""
+    try:
+        return int(datetime.fromisoformat(stamp[:26].rstrip("Z")).replace(tzinfo=UTC).timestamp() * 1000)
+    except ValueError:
+        return 0
+
+
+def _made_at(checkpoint: str) -> int:
+    suffix = checkpoint[len(_CHECKPOINT_PREFIX):]
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def _short(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 300 else line[:300] + "..."
 
 
 class DockerAgentStream(AgentStream):
@@ -140,6 +163,8 @@ class DockerDeployment(Deployment):
         self._wanted_lock = threading.Lock()
         self._api: docker.APIClient | None = None
         self._collected_at = -1e9  # when orphaned quota filesystems were last released
+        self._root_dir = "/var/lib/docker"  # the engine's; check() reads it (checkpoint sizes)
+        self._written: set[str] = set()  # checkpoints this process saw finished (no wait to restore)
 
     @property
     def api(self) -> docker.APIClient:
@@ -173,6 +198,10 @@ class DockerDeployment(Deployment):
             except SandboxGone:
                 raise BackendUnavailable(f"sandbox image {image!r} not found; build it with sandbox/build.sh") from None
         await self._call(self._set_up_quota)
+        self._root_dir = info.get("DockerRootDir") or self._root_dir
+        # `docker checkpoint` exists in experimental mode only; under runc it needs CRIU,
+        # which sandboxes here do not use (gVisor saves its own kernel's state).
+        self.can_checkpoint = bool(info.get("ExperimentalBuild")) and self.runtime == "runsc"
         isolation = (
             "gVisor (runsc): each sandbox runs on its own user-space kernel"
             if self.runtime == "runsc"
@@ -263,14 +292,109 @@ class DockerDeployment(Deployment):
         except SandboxGone as exc:  # the image is missing
             raise BackendUnavailable(f"cannot create sandbox: {exc}") from exc
 
-    async def start(self, spec: SandboxSpec) -> None:
-        record = await self.inspect(spec.name, count_in_use=False)
-        if await self._upgrade(record.labels, spec):
-            record = replace(record, running=False)
-        if record.running:
-            return
+    async def start(self, spec: SandboxSpec) -> Started:
+        container = await self._call(self.api.inspect_container, spec.name)
+        labels = container["Config"].get("Labels") or {}
+        saved = await self._call(self._checkpoints, container["Id"])
+        upgraded = await self._upgrade(labels, spec)  # a new container: its checkpoints went with the old one
+        if container["State"].get("Running") and not upgraded:
+            return Started()
         await self._call(self._reattach_workspace, spec.name)  # quota: loop devices do not survive a reboot
+        if upgraded:
+            await self._call(self.api.start, spec.name)
+            return Started(lost="it was re-made for this server version" if saved else "")
+        started_at = _epoch_ms(container["State"].get("StartedAt", ""))
+        fresh = sorted((c for c in saved if _made_at(c) > started_at), key=_made_at)
+        lost = ""
+        if fresh:
+            try:
+                await self._call(self._start_from, spec.name, fresh[-1])
+                await self._call(self._delete_checkpoints, spec.name, saved)  # now stale
+                return Started(restored=True)
+            except (BackendUnavailable, SandboxGone) as exc:
+                log.warning("%s: restoring checkpoint %s failed; starting it cold: %s", spec.name, fresh[-1], exc)
+                lost = f"its saved memory could not be restored ({_short(str(exc))})"
+        if saved:
+            await self._call(self._delete_checkpoints, spec.name, saved)
         await self._call(self.api.start, spec.name)
+        return Started(lost=lost)
+
+    async def checkpoint(self, name: str) -> int | None:
+        def save() -> int | None:
+            container = self.api.inspect_container(name)
+            if not container["State"].get("Running"):
+                raise CheckpointFailed(f"{name} is not running")
+            self._delete_checkpoints(name, self._checkpoints(container["Id"]))
+            checkpoint = f"{_CHECKPOINT_PREFIX}{int(time.time() * 1000)}"
+            response = self.api._post_json(self.api._url("/containers/{0}/checkpoints", name),
+                                           data={"CheckpointID": checkpoint, "Exit": True})
+            if response.status_code >= 400:
+                self._delete_checkpoints(name, [checkpoint])  # a partial image, if any
+                raise CheckpointFailed(f"the engine could not checkpoint {name}: {_short(response.text)}")
+            # runsc answers before its image is all on disk: done means written.
+            self._wait_written(container["Id"], checkpoint)
+            self._written.add(checkpoint)
+            return self._checkpoint_bytes(container["Id"], checkpoint)
+
+        if not self.can_checkpoint:
+            raise CheckpointFailed("this engine cannot checkpoint (experimental mode off, or not gVisor)")
+        try:
+            return await self._call(save)
+        except BackendUnavailable as exc:
+            raise CheckpointFailed(str(exc)) from exc
+
+    # --- checkpoint helpers (in a worker thread)
+    def _start_from(self, name: str, checkpoint: str) -> None:
+        if checkpoint not in self._written:
+            self._wait_written(self.api.inspect_container(name)["Id"], checkpoint)
+        self._written.discard(checkpoint)
+        response = self.api._post(self.api._url("/containers/{0}/start", name), params={"checkpoint": checkpoint})
+        self.api._raise_for_status(response)
+
+    def _checkpoints(self, container_id: str) -> builtins.list[str]:
+        """This container's checkpoints (ours by name): from the engine's directory when this
+        process can read it (no API call), else from the engine."""
+        directory = os.path.join(self._root_dir, "containers", container_id, "checkpoints")
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        except OSError:
+            response = self.api._get(self.api._url("/containers/{0}/checkpoints", container_id))
+            if response.status_code >= 400:
+                return []  # not experimental: there are none
+            names = [c.get("Name", "") for c in response.json() or []]
+        return [n for n in names if n.startswith(_CHECKPOINT_PREFIX)]
+
+    def _wait_written(self, container_id: str, checkpoint: str) -> None:
+        """Until runsc has finished writing the image. The engine's checkpoint call returns,
+        lists the checkpoint and reports its container exited while runsc still writes the
+        image (seen here: half of 200 MB on disk), and a restore from a growing image fails
+        ("archive/tar: write too long", or containerd's "already exists"). Its maker may also
+        have been killed meanwhile (a client gives a server seconds to exit). Done: the file
+        unchanged for 2 s. Unreadable here: no wait (a failed restore is a cold start)."""
+        image = os.path.join(self._root_dir, "containers", container_id, "checkpoints", checkpoint, "checkpoint.img")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if time.time() - os.stat(image).st_mtime > 2:
+                    return
+            except OSError:
+                return
+            time.sleep(0.25)
+
+    def _checkpoint_bytes(self, container_id: str, checkpoint: str) -> int | None:
+        """Disk taken by a checkpoint image; None where this process cannot read it."""
+        directory = os.path.join(self._root_dir, "containers", container_id, "checkpoints", checkpoint)
+        try:
+            with os.scandir(directory) as entries:
+                return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in entries)
+        except OSError:
+            return None
+
+    def _delete_checkpoints(self, name: str, checkpoints: builtins.list[str]) -> None:
+        for checkpoint in checkpoints:
+            self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", name, checkpoint))
 
     # --- quota helpers (deployment/quota.py)
     def _set_up_quota(self) -> None:
@@ -351,8 +475,12 @@ class DockerDeployment(Deployment):
             if name.startswith(prefix):  # the engine's filter matches anywhere in the name
                 labels = c.get("Labels") or {}
                 size = volume_sizes.get(labels.get(VOLUME_LABEL, ""), -1)
-                records.append(SandboxRecord(name=name, labels=labels, running=c["State"] == "running",
-                                             status=c["State"], size_bytes=size if size >= 0 else None))
+                running = c["State"] == "running"
+                saved = [] if running else await self._call(self._checkpoints, c["Id"])
+                saved_bytes = await self._call(self._checkpoint_bytes, c["Id"], max(saved)) if saved else None
+                records.append(SandboxRecord(name=name, labels=labels, running=running, status=c["State"],
+                                             size_bytes=size if size >= 0 else None,
+                                             checkpointed=bool(saved), checkpoint_bytes=saved_bytes))
         return records
 
     async def _volume_sizes(self) -> dict[str, int]:

@@ -51,6 +51,7 @@ from mcp_codeexec.deployment.base import (
     SandboxGone,
     SandboxRecord,
     SandboxSpec,
+    Started,
 )
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,8 @@ class KubernetesDeployment(Deployment):
                 raise NameTaken(f"workspace {claim} exists") from exc
             raise
 
-    async def start(self, spec: SandboxSpec) -> None:
+    async def start(self, spec: SandboxSpec) -> Started:
+        # No checkpoint/restore of pods (can_checkpoint stays False): never `restored`.
         pvc, pod = await self._find(spec.name)
         if pod is not None:
             phase = pod.get("status", {}).get("phase")
@@ -368,7 +370,7 @@ class KubernetesDeployment(Deployment):
             if pod["metadata"].get("deletionTimestamp") is None and phase in ("Pending", "Running", None) \
                     and layout == spec.labels.get(_LAYOUT_LABEL):
                 await self._wait_running(pod["metadata"]["name"])
-                return
+                return Started()
             await self._delete_pod(pod["metadata"]["name"])  # ended, going, or made for another layout
         if pvc is None:
             pvc = await self._claim_of(spec.name)
@@ -387,6 +389,7 @@ class KubernetesDeployment(Deployment):
                 raise
         self._remember(spec.name, pod_name)
         await self._wait_running(pod_name)
+        return Started()
 
     async def _wait_running(self, pod_name: str) -> None:
         deadline = time.monotonic() + _START_TIMEOUT

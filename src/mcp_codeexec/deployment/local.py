@@ -49,6 +49,7 @@ from mcp_codeexec.deployment.base import (
     SandboxGone,
     SandboxRecord,
     SandboxSpec,
+    Started,
 )
 
 ISOLATION = (
@@ -197,11 +198,11 @@ class LocalDeployment(Deployment):
         labels = {**spec.labels, VOLUME_LABEL: spec.volume}
         self._write(spec.name, {"labels": labels, "workdir": spec.workdir, "env": spec.env, "pid": None, "identity": None})
 
-    async def start(self, spec: SandboxSpec) -> None:
+    async def start(self, spec: SandboxSpec) -> Started:
         name = spec.name  # one layout only: nothing to upgrade
         state = self._read(name)
         if self._running(name, state):
-            return
+            return Started()
         directory, socket = self._dir(name), self._socket(name)
         with open(directory / "agent.log", "ab") as log:
             loader = subprocess.Popen(
@@ -218,7 +219,7 @@ class LocalDeployment(Deployment):
         self._write(name, {**state, "pid": loader.pid, "identity": _identity(loader.pid), "exit_code": None})
         for _ in range(200):  # the socket appears, or the loader says why not
             if os.path.exists(socket):
-                return
+                return Started()
             if loader.poll() is not None:
                 tail = (directory / "agent.log").read_bytes()[-2000:].decode("utf-8", "replace")
                 raise BackendUnavailable(f"the local loader of {name} exited ({loader.returncode}): {tail}")
