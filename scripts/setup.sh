@@ -374,7 +374,7 @@ PY
 fi
 
 # ----------------------------------------------- 6. OAuth test tools (npm)
-# tests/test_oauth.py runs a real OpenID provider (oidc-provider) and the MCP Inspector on the
+# tests/e2e/test_oauth.py runs a real OpenID provider (oidc-provider) and the MCP Inspector on the
 # Node they need, all pinned in tests/oidc/package.json + package-lock.json. Installed once per
 # version set, outside the clone (the test finds the same directory from the same two files).
 OIDC_KEY="$(cat tests/oidc/package.json tests/oidc/package-lock.json | sha256sum | cut -c1-16)"
