@@ -110,7 +110,11 @@ async def _ready_pool(engine, pid: int) -> list[str] | None:
 
 
 async def _gone(pid: int) -> bool:
-    return not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z"
+    try:  # gone, or a zombie; it may vanish between any two looks
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True
 
 
 async def _stopped_and_removed(engine, running: str, pooled: str) -> bool:
