@@ -26,7 +26,7 @@ from mcp_codeexec.files import FileStore, default_data_dir, upload_plan
 from mcp_codeexec.metrics import Metrics
 from mcp_codeexec.prompt import ImageFacts
 from mcp_codeexec.sessions import Sessions
-from mcp_codeexec.tenants import DEFAULTS, Limits, TenantPolicy, Usage, load_tenants, stored_cap
+from mcp_codeexec.tenants import Limits, TenantPolicy, Usage, load_tenants, policy_of, stored_cap
 from mcp_codeexec.upstream import Gateway, start_gateway
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class App:
         stored = stored_cap(self.policies, settings.max_stored_bytes)
 
         def containers_cap(tenant: str) -> int | None:
-            policy = self.policies.get(tenant) or self.policies.get(DEFAULTS)
+            policy = policy_of(self.policies, tenant)
             return policy.max_containers if policy else None
 
         def checkpoint_bytes(tenant: str) -> int:  # saved sandbox memory counts as stored bytes

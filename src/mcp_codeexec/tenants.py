@@ -104,6 +104,11 @@ def static_tenants(policies: dict[str, TenantPolicy]) -> frozenset[str]:
     return frozenset(p.name for p in policies.values() if p.token_sha256 is not None)
 
 
+def policy_of(policies: dict[str, TenantPolicy], tenant: str) -> TenantPolicy | None:
+    """The tenant's own policy, else the file's defaults (None: no limits)."""
+    return policies.get(tenant) or policies.get(DEFAULTS)
+
+
 def stored_cap(policies: dict[str, TenantPolicy], default: int) -> Callable[[str], int]:
     """Bytes of files a tenant may keep: its own limit, else the file's defaults, else `default`."""
     fallback = policies[DEFAULTS].max_stored_bytes if DEFAULTS in policies else None
@@ -141,7 +146,7 @@ class Limits:
 
     def acquire(self, tenant: str) -> str | None:
         """None if the call may run (then call release), else why not."""
-        policy = self.by_tenant.get(tenant) or self.by_tenant.get(DEFAULTS)
+        policy = policy_of(self.by_tenant, tenant)
         if policy is None:
             return None
         now = time.monotonic()

@@ -6,7 +6,6 @@ argument checks."""
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ from mcp_codeexec.agent import mcp_tools
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.client import AgentClient, AgentDied, Bounds, CommandTools
 from mcp_codeexec.agent.toolchannel import _decode
-from mcp_codeexec.deployment.base import AgentStream
 from mcp_codeexec.errors import ConfigError
 from mcp_codeexec.upstream import Gateway, ToolLimits, ToolsConfig, load_tools_config
+
+from .test_agent_client import MemoryStream, frame
 
 pytestmark = pytest.mark.anyio
 REPO = Path(__file__).resolve().parents[2]
@@ -155,38 +155,20 @@ async def test_unknown_grants_are_a_config_error(tmp_path: Path) -> None:
 # --- tool frames on the agent connection ---------------------------------------------------
 
 
-class Stream(AgentStream):
+class Stream(MemoryStream):
+    """The scripted agent stream, in objects: what the client sent is kept decoded, and
+    push() frames an object."""
+
     def __init__(self) -> None:
-        self.incoming: list[bytes] = []
-        self.sent: list[Any] = []
-        self.closed = False
-        self.more = anyio.Event()
+        super().__init__([])
+        self.sent: list[Any] = []  # type: ignore[assignment]
 
     async def send(self, data: bytes) -> None:
-        if self.closed:
-            raise anyio.ClosedResourceError
-        self.sent.append(json.loads(data[4:]))
+        await super().send(data)
+        self.sent[-1] = json.loads(data[4:])
 
-    async def receive(self) -> bytes:
-        while not self.incoming:
-            if self.closed:
-                raise anyio.EndOfStream
-            await self.more.wait()
-            self.more = anyio.Event()
-        return self.incoming.pop(0)
-
-    def push(self, obj: Any) -> None:
-        body = json.dumps(obj).encode()
-        self.incoming.append(struct.pack(">I", len(body)) + body)
-        self.more.set()
-
-    async def aclose(self) -> None:
-        self.closed = True
-        self.more.set()
-
-    @property
-    def stderr_tail(self) -> str:
-        return ""
+    def push(self, obj: Any) -> None:  # type: ignore[override]
+        super().push(frame(obj))
 
 
 HELLO = {"kind": "hello", "body": {"agent": None, "protocol": p.PROTOCOL_VERSION}}
