@@ -113,9 +113,12 @@ def hosts(engine: docker.APIClient) -> Iterator[None]:
                               network_mode="none", decode=True):
         assert "error" not in chunk, chunk
     engine.create_volume(COMPOSE_DATA)
+    opened = searchable_for_others(SRC, SITE)  # a checkout under a 0700 directory (mktemp -d)
     try:
         yield
     finally:
+        for directory, mode in opened:
+            os.chmod(directory, mode)
         remove_test_containers(engine)  # their filesystems may be in the data volume
         for c in engine.containers(all=True, filters={"ancestor": COMPOSE_IMAGE}):
             engine.remove_container(c["Id"], force=True)
@@ -127,6 +130,22 @@ def hosts(engine: docker.APIClient) -> Iterator[None]:
             os.chmod(SOCKET, st.st_mode)
         if created:
             run("userdel", "--remove", USER)
+
+
+def searchable_for_others(*paths: str) -> list[tuple[str, int]]:
+    """Let other users pass through (o+x, not list) every directory above `paths` that
+    keeps them out, so the non-root server can import this checkout; (directory, old mode)
+    to put back."""
+    opened = []
+    for path in paths:
+        directory = os.path.dirname(os.path.abspath(path))
+        while directory != "/":
+            mode = os.stat(directory).st_mode & 0o7777
+            if not mode & 0o001 and (directory, mode) not in opened:
+                os.chmod(directory, mode | 0o001)
+                opened.append((directory, mode))
+            directory = os.path.dirname(directory)
+    return opened
 
 
 def python(mode: str, *args: str, user: str = USER, home: str | None = None) -> StdioServerParameters:
