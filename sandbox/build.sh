@@ -45,8 +45,8 @@ VARIANT=minbase
 PULL_TIMEOUT="${MCP_CODEEXEC_PULL_TIMEOUT:-120}"
 # Files of sandbox/ that shape the image (besides this script).
 # What the Docker build context holds (besides the wheel tree's site/ and bin/).
-CONTEXT_FILES=(Dockerfile packages.txt pins.txt manifest.py wrappers)
-INPUT_FILES=(Dockerfile packages.txt pins.txt manifest.py wheels.py)
+CONTEXT_FILES=(Dockerfile packages.txt pins.txt manifest.py bash_run.c wrappers)
+INPUT_FILES=(Dockerfile packages.txt pins.txt manifest.py wheels.py bash_run.c)
 for f in "$HERE"/wrappers/*; do INPUT_FILES+=("wrappers/${f##*/}"); done
 
 mode=auto

@@ -203,12 +203,14 @@ async def test_a_fresh_sandbox_runs_nothing_as_the_user_but_the_command(attack: 
     a, _ = attack
     r = await a.bash("python3 -c \"import json, os; print(json.dumps([[os.stat('/proc/'+p).st_uid, int(open('/proc/'+p+'/stat').read().rsplit(')', 1)[1].split()[3]), open('/proc/'+p+'/cmdline').read().split(chr(0))] for p in os.listdir('/proc') if p.isdigit()]))\"")
     listing = json.loads(r["stdout"])
-    # The agent's process spawner (agent/process.py) is the user's by design: it starts
-    # the user's commands with the user's own rights and nothing more.
-    spawners = [sid for uid, sid, argv in listing if uid == 1000 and "mcp-codeexec-spawner" in argv]
-    users = {sid for uid, sid, argv in listing if uid == 1000 and "mcp-codeexec-spawner" not in argv}
+    # The agent's process spawner and bash zygote (agent/process.py) are the user's by
+    # design: they start the user's commands with the user's own rights and nothing more.
+    helpers = ("mcp-codeexec-spawner", "mcp-codeexec-zygote")
+    spawners = [sid for uid, sid, argv in listing if uid == 1000 and helpers[0] in argv]
+    zygotes = [sid for uid, sid, argv in listing if uid == 1000 and helpers[1] in argv]
+    users = {sid for uid, sid, argv in listing if uid == 1000 and not any(h in argv for h in helpers)}
     assert any(uid == 0 for uid, _, _ in listing), "the agent and init run as root"
-    assert len(spawners) <= 1, listing
+    assert len(spawners) <= 1 and len(zygotes) <= 1, listing
     # Every other process of the sandbox user belongs to this command's session.
     assert len(users) == 1, listing
 

@@ -149,10 +149,10 @@ class Agent:
         self.editor = Editor(root=root, workdir=os.getcwd())
         self.listener = listener
         self.connections: dict[Connection, asyncio.Task[None]] = {}
-        self.launcher = Launcher()
+        self.env = dict(os.environ)  # what every command starts with, before the request's own
+        self.launcher = Launcher(self.env)
         self.outputs = OutputFiles(self.editor.root)
         self.repl = Repl(self.launcher, self.outputs)  # the persistent Python interpreter, started on first use
-        self.env = dict(os.environ)  # what every command starts with, before the request's own
         self.tools: Tools | None = None  # programmatic tool calling, when the server offers it
 
     def connect(self, sock: socket.socket, in_fd: int, out_fd: int) -> None:
