@@ -36,6 +36,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -58,6 +59,7 @@ extern int executing_builtin;
 #define SPAWNED 2
 #define FAILED 3
 #define EXITED 4
+#define PREPARED 5
 #define MAX_REQUEST (256 * 1024)
 #define MAX_CHILDREN 1024
 
@@ -68,11 +70,86 @@ static char *boot;         /* the bootstrap's argument string: where a child's c
 static size_t boot_room;   /* its bytes, the NUL and the reserve */
 static struct { pid_t pid; int32_t number; } running[MAX_CHILDREN];
 
-static void answer(int32_t kind, int32_t number, int32_t value)
+static void answer_with(int32_t kind, int32_t number, int32_t value, int fd)
 {
   int32_t a[3] = {kind, number, value};
-  if (send(control, a, sizeof a, MSG_NOSIGNAL) != (ssize_t)sizeof a)
+  struct iovec iov = {a, sizeof a};
+  char ancillary[CMSG_SPACE(sizeof(int))];
+  struct msghdr msg = {0};
+
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (fd >= 0) {
+    struct cmsghdr *c;
+    memset(ancillary, 0, sizeof ancillary);
+    msg.msg_control = ancillary;
+    msg.msg_controllen = sizeof ancillary;
+    c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+  }
+  if (sendmsg(control, &msg, MSG_NOSIGNAL) != (ssize_t)sizeof a)
     _exit(0);  /* the agent is gone */
+}
+
+static void answer(int32_t kind, int32_t number, int32_t value)
+{
+  answer_with(kind, number, value, -1);
+}
+
+/* One message from `sock` into buf (NUL-terminated) with up to three fds (more: the
+ * message counts as malformed, and every fd that came is closed by the caller). */
+static ssize_t receive(int sock, char *buf, size_t cap, int fds[3], int *nfds)
+{
+  char ancillary[CMSG_SPACE(4 * sizeof(int))];
+  struct iovec iov = {buf, cap};
+  struct msghdr msg = {0};
+  struct cmsghdr *c;
+  ssize_t n;
+  int i, extra = 0;
+
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = ancillary;
+  msg.msg_controllen = sizeof ancillary;
+  *nfds = 0;
+  do
+    n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n < 0)
+    return n;
+  for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+      int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int)), fd;
+      for (i = 0; i < count; i++) {
+        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+        if (*nfds < 3)
+          fds[(*nfds)++] = fd;
+        else {
+          close(fd);
+          extra = 1;
+        }
+      }
+    }
+  buf[n] = '\0';
+  if (extra || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
+    return -2;
+  return n;
+}
+
+/* "DIR\0COMMAND" (size bytes): the command, or NULL if malformed (a NUL in the command). */
+static char *split_command(char *buf, size_t size)
+{
+  char *nul = memchr(buf, '\0', size), *command;
+
+  if (nul == NULL)
+    return NULL;
+  command = nul + 1;
+  if (strlen(command) != (size_t)(buf + size - command))
+    return NULL;
+  return command;
 }
 
 static void hide_builtin(void)
@@ -127,9 +204,11 @@ static void run_child(const char *command, int fds[3])
   size_t length = strlen(command);
   int i;
 
-  close(control);
-  close(children_fd);
-  if (setsid() < 0)
+  if (control >= 0)
+    close(control);
+  if (children_fd >= 0)
+    close(children_fd);
+  if (getsid(0) != getpid() && setsid() < 0)
     _exit(126);
   for (i = 0; i < 3; i++)
     if (dup2(fds[i], i) < 0)
@@ -152,6 +231,7 @@ static void run_child(const char *command, int fds[3])
     (*seconds->assign_func)(seconds, "0", -1, 0);
     FREE(value_cell(seconds));
     var_setvalue(seconds, (char *)NULL);
+    VUNSETATTR(seconds, att_integer);  /* reading it (find_variable) made it an integer */
   }
 
   /* What the command sets. */
@@ -172,33 +252,84 @@ static void run_child(const char *command, int fds[3])
   _exit(126);  /* not reached */
 }
 
-static void serve_request(char *buf, size_t size, int fds[3])
+/* B, forked ahead: waits for its one command on `sock`. */
+static void wait_for_command(int sock) __attribute__((noreturn));
+static void wait_for_command(int sock)
 {
-  int32_t number;
-  char *cwd, *command, *nul;
-  pid_t pid;
+  static char buf[MAX_REQUEST + 1];
+  char *command;
+  int fds[3], nfds = 0;
+  ssize_t n;
+
+  close(control);
+  close(children_fd);
+  control = children_fd = -1;
+  if (setsid() < 0)
+    _exit(126);
+  n = receive(sock, buf, MAX_REQUEST, fds, &nfds);
+  if (n <= 0 || nfds != 3 || (command = split_command(buf, (size_t)n)) == NULL)
+    _exit(n == 0 ? 0 : 126);  /* given up (the socket closed), or nothing it could run */
+  close(sock);
+  if (*buf && chdir(buf) != 0) {  /* what the agent says when the spawner cannot start bash */
+    dprintf(fds[2], "mcp-codeexec: cannot start bash: %s (the sandbox's process or memory limit is reached)\n", strerror(errno));
+    _exit(126);
+  }
+  run_child(command, fds);
+}
+
+static int free_slot(void)
+{
   int slot;
 
-  memcpy(&number, buf, sizeof number);
-  cwd = buf + sizeof number;
-  nul = memchr(cwd, '\0', size - sizeof number);
-  if (nul == NULL) {
-    answer(FAILED, number, EINVAL);
-    return;
-  }
-  command = nul + 1;
-  buf[size] = '\0';
-  if (strlen(command) != (size_t)(buf + size - command)) {  /* a NUL in the command */
-    answer(FAILED, number, EINVAL);
-    return;
-  }
   for (slot = 0; slot < MAX_CHILDREN && running[slot].pid; slot++)
     ;
+  return slot;
+}
+
+static void prepare(int32_t number)
+{
+  int pair[2], slot = free_slot();
+  pid_t pid;
+
   if (slot == MAX_CHILDREN) {
     answer(FAILED, number, EAGAIN);
     return;
   }
-  if (*cwd && chdir(cwd) != 0) {
+  if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+    answer(FAILED, number, errno);
+    return;
+  }
+  pid = fork();
+  if (pid == 0) {
+    close(pair[0]);
+    wait_for_command(pair[1]);
+  }
+  close(pair[1]);
+  if (pid < 0)
+    answer(FAILED, number, errno);
+  else {
+    running[slot].pid = pid;
+    running[slot].number = number;
+    answer_with(PREPARED, number, pid, pair[0]);
+  }
+  close(pair[0]);
+}
+
+static void run(int32_t number, char *payload, size_t size, int fds[3], int nfds)
+{
+  char *command = split_command(payload, size);
+  pid_t pid;
+  int slot;
+
+  if (nfds != 3 || command == NULL) {
+    answer(FAILED, number, EINVAL);
+    return;
+  }
+  if ((slot = free_slot()) == MAX_CHILDREN) {
+    answer(FAILED, number, EAGAIN);
+    return;
+  }
+  if (*payload && chdir(payload) != 0) {
     answer(FAILED, number, errno);
     return;
   }
@@ -217,14 +348,11 @@ static void serve_request(char *buf, size_t size, int fds[3])
 static void serve(void)
 {
   static char buf[MAX_REQUEST + 1];
-  char ancillary[CMSG_SPACE(4 * sizeof(int))];
   struct pollfd polled[2];
 
   for (;;) {
-    struct iovec iov = {buf, MAX_REQUEST};
-    struct msghdr msg = {0};
-    struct cmsghdr *c;
-    int fds[4], nfds = 0, i;
+    int fds[3], nfds = 0, i;
+    int32_t number = 0;
     ssize_t n;
 
     polled[0].fd = control;
@@ -240,28 +368,19 @@ static void serve(void)
       reap();
     if (!polled[0].revents)
       continue;
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ancillary;
-    msg.msg_controllen = sizeof ancillary;
-    n = recvmsg(control, &msg, MSG_CMSG_CLOEXEC);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n <= 0)
+    n = receive(control, buf, MAX_REQUEST, fds, &nfds);
+    if (n == 0 || n == -1)
       _exit(0);  /* the agent is gone: its children are the agent's now (it is their subreaper) */
-    for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
-      if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        for (i = 0; i < count && nfds < 4; i++)
-          memcpy(&fds[nfds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-      }
-    if (n < (ssize_t)sizeof(int32_t) || nfds != 3 || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
-      int32_t number = 0;
-      if (n >= (ssize_t)sizeof number)
-        memcpy(&number, buf, sizeof number);
+    if (n >= (ssize_t)sizeof number)
+      memcpy(&number, buf, sizeof number);
+    if (n < (ssize_t)sizeof number + 1)
       answer(FAILED, number, E2BIG);
-    } else
-      serve_request(buf, (size_t)n, fds);
+    else if (buf[sizeof number] == 'R')
+      run(number, buf + sizeof number + 1, (size_t)n - sizeof number - 1, fds, nfds);
+    else if (buf[sizeof number] == 'P' && nfds == 0)
+      prepare(number);
+    else
+      answer(FAILED, number, EINVAL);
     for (i = 0; i < nfds; i++)
       close(fds[i]);
   }

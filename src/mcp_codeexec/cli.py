@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-running", type=int, default=d.max_running, help=f"running containers per server (default {d.max_running})")
     ap.add_argument("--pool", type=int, default=d.pool_size, help="started containers kept ready for new sessions (default 0)")
     ap.add_argument("--no-prepare", action="store_true", help="do not start the session's container before its first call")
+    ap.add_argument("--no-zygote", action="store_true",
+                    help="start every command by exec'ing bash, not from the sandbox's bash zygote (slower; the same results)")
     ap.add_argument("--upload", action="append", default=[], metavar="PATH[:ro]",
                     help="copy a host file or directory into every new container at <workdir>/uploads/ (repeatable; :ro makes the copy read-only)")
     ap.add_argument("--data-dir", default="", help="where files and usage are kept (default ~/.local/share/mcp-codeexec)")
@@ -192,6 +194,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_running=args.max_running,
         pool_size=args.pool,
         prepare_session=not args.no_prepare and args.transport == "stdio",
+        zygote=not args.no_zygote,
         reap_interval=parse_duration(args.reap_interval),
         uploads=tuple(args.upload),
         transport=args.transport,

@@ -72,6 +72,7 @@ class Settings(BaseModel):
     container_handles: bool = False  # tools take a `container` argument; stateless calls get fresh containers
     pool_size: int = 0  # started containers kept ready for new sessions
     prepare_session: bool = True  # stdio: start the session's container at launch
+    zygote: bool = True  # plain commands start from the sandbox's bash zygote (agent/process.py), not by exec
     max_running: int = Field(default=32, ge=1)  # running containers per server; idle ones are stopped past it
     idle_stop: float = 900.0  # seconds without a call before a container is stopped (files kept)
     # Seconds without a call before a container is checkpointed (memory saved, then stopped;

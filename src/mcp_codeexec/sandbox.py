@@ -187,7 +187,9 @@ class Sandbox:
         return notice
 
     async def _connect(self) -> AgentClient:
-        config = {"root": self.settings.workdir, "rlimit_as": self.settings.rlimit_as}
+        config: dict[str, Any] = {"root": self.settings.workdir, "rlimit_as": self.settings.rlimit_as}
+        if not self.settings.zygote:
+            config["zygote"] = False  # (only then: the agent's code hash stays as it was)
         if self.tools is not None:
             config["tools"] = True  # (only then: the agent's code hash stays as it was without tools)
         return await connect_agent(

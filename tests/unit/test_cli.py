@@ -41,6 +41,7 @@ def test_flags_map_to_settings(tmp_path: object) -> None:
 
 def test_no_prepare() -> None:
     assert not settings("--no-prepare").prepare_session
+    assert settings().zygote and not settings("--no-zygote").zygote
 
 
 def test_a_runtime_other_than_runsc_needs_consent() -> None:

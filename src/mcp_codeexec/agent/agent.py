@@ -205,6 +205,10 @@ class Agent:
                 reply = await self.repl.run(call, request)
             elif isinstance(request, p.ReplReset):
                 reply = await self.repl.reset()
+            elif isinstance(request, p.Edit) and request.command == "view":
+                # On the loop's thread: a view is bounded (O_NONBLOCK open, size limits, a
+                # capped listing) and a thread hand-off costs more than it under gVisor.
+                reply = self.edit(request)
             elif isinstance(request, p.Edit):
                 reply = await asyncio.get_running_loop().run_in_executor(None, self.edit, request)
             elif isinstance(request, (p.ReadFile, p.WriteFile)):
@@ -417,5 +421,6 @@ def main(listener: socket.socket, first: tuple[socket.socket, int, int], config:
         except OSError as exc:  # /tmp full: commands run, tool calls say there is no channel
             print(f"mcp-codeexec agent: no tool client: {exc}", file=sys.stderr)
     agent = Agent(str(config["root"]), listener)
+    agent.launcher.use_zygote = bool(config.get("zygote", True))
     agent.tools = agent.repl.tools = tools
     asyncio.run(_serve(agent, listener, first))

@@ -258,6 +258,7 @@ _CLAIM_TRIES = 5  # 50 ms apart
 # answering, and starts another (the agent is the children's subreaper, so a command whose
 # spawner died is still reaped, and its status known, by the agent).
 READY, SPAWNED, FAILED, EXITED = 1, 2, 3, 4
+PREPARED = 5  # the zygote's only: a shell forked ahead of a command, with a socket to it
 _ANSWER = struct.Struct("=iii")
 # Its command line stays short (ps shows it): the code comes as the first message.
 # The zygote's builtin, in the image (an image without it: commands go to the Python spawner).
@@ -361,9 +362,10 @@ class Child:
 
 
 class _Request:
-    __slots__ = ("spawned", "exited", "pid", "abandoned", "watermark", "sent")
+    __slots__ = ("spawned", "exited", "pid", "abandoned", "watermark", "sent", "fd")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, watermark: int) -> None:
+        self.fd = -1  # what came with a PREPARED answer
         self.spawned: asyncio.Future[int] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.pid = 0
@@ -451,11 +453,22 @@ class _Spawner:
 
     def _readable(self) -> None:
         try:
-            data = self.sock.recv(64)
+            data, fds, _, _ = socket.recv_fds(self.sock, 64, 1)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        fd = fds[0] if fds else -1
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+        try:
+            self._answer(data, fd)
+        finally:
+            request = self.requests.get(_ANSWER.unpack(data)[1]) if len(data) == _ANSWER.size else None
+            if fd >= 0 and (request is None or request.fd != fd):
+                os.close(fd)  # only a PREPARED answer brings one, and only once
+
+    def _answer(self, data: bytes, fd: int) -> None:
         if not data:
             self.stop()
             return
@@ -470,10 +483,11 @@ class _Spawner:
         request = self.requests.get(number)
         if request is None:
             return
-        if kind == SPAWNED and not request.spawned.done():
-            if value <= 1 or value in self.launcher.running:  # not a new process of ours
+        if kind in (SPAWNED, PREPARED) and not request.spawned.done():
+            if value <= 1 or value in self.launcher.running or (kind == PREPARED) != (fd >= 0 and isinstance(self, _Zygote)):
                 request.spawned.set_exception(OSError(errno.EIO, f"the process spawner answered pid {value}"))
             else:
+                request.fd = fd
                 request.pid = value
                 self.launcher.last_pid = max(self.launcher.last_pid, value)
                 request.spawned.set_result(value)
@@ -558,8 +572,65 @@ class _Zygote(_Spawner):
 
     async def run(self, command: str, fds: list[int], cwd: str) -> Child:
         self.number += 1
-        message = struct.pack("=i", self.number) + os.fsencode(cwd) + b"\0" + command.encode("utf-8", "surrogateescape")
+        message = struct.pack("=ic", self.number, b"R") + _command_message(command, cwd)
         return await self.request(self.number, message, fds)
+
+    async def prepare(self) -> ReadyShell:
+        """A shell forked ahead of the next command (see ReadyShell)."""
+        self.number += 1
+        number = self.number
+        child = await self.request(number, struct.pack("=ic", number, b"P"), [])
+        request = self.requests.get(number)
+        fd = request.fd if request is not None else -1
+        if fd < 0:  # (settled already: it ended at once)
+            raise SpawnerBroken("the prepared shell ended")
+        request.fd = -1  # type: ignore[union-attr]
+        return ReadyShell(child, socket.socket(fileno=fd))
+
+
+def _command_message(command: str, cwd: str) -> bytes:
+    return os.fsencode(cwd) + b"\0" + command.encode("utf-8", "surrogateescape")
+
+
+class ReadyShell:
+    """A bash the zygote forked ahead of the next command, waiting on `sock` for one
+    message: the directory and the command with its stdin, stdout and stderr. Giving it a
+    command is one message: no fork on the call's path (under gVisor a fork of even a small
+    bash is ~3 ms of page-table copying). Given up, it is killed, never left to run something."""
+
+    __slots__ = ("child", "sock")
+
+    def __init__(self, child: Child, sock: socket.socket) -> None:
+        self.child = child
+        self.sock = sock
+
+    def usable(self) -> bool:
+        """Not ended, not stopped or traced (the user can do either to it)."""
+        if self.child.exited.done():
+            return False
+        try:
+            with open(f"/proc/{self.child.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in (b"T", b"t", b"Z", b"X")
+
+    def give(self, command: str, fds: list[int], cwd: str) -> bool:
+        try:
+            socket.send_fds(self.sock, [_command_message(command, cwd)], fds)
+        except OSError:
+            return False
+        finally:
+            self.sock.close()
+        return True
+
+    def discard(self) -> None:
+        self.sock.close()
+        if not self.child.exited.done():
+            try:
+                os.kill(self.child.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 class Launcher:
@@ -578,6 +649,9 @@ class Launcher:
         self.zygote: _Zygote | None = None
         self.zygote_started = -_SPAWNER_RESTART
         self.zygote_failures = 0
+        self.use_zygote = True  # the server's --no-zygote makes it False
+        self.ready_shell: ReadyShell | None = None  # the next plain command's bash, forked ahead
+        self.preparing: asyncio.Task[None] | None = None
         self.cwd = os.getcwd()  # the agent's, where a child starts unless told otherwise
         self.last_pid = 0  # the newest child's pid
         self.unclaimed: dict[int, tuple[int, float]] = {}  # the latest orphans reaped: exit code, when (bounded)
@@ -603,6 +677,7 @@ class Launcher:
             self.spawner = self._start(_Spawner)
         if (
             self.zygote is None
+            and self.use_zygote
             and self.env is not None
             and self.zygote_failures < _ZYGOTE_FAILURES
             and now - self.zygote_started >= _SPAWNER_RESTART
@@ -610,6 +685,17 @@ class Launcher:
         ):
             self.zygote_started = now
             self.zygote = self._start(_Zygote)
+        if self.zygote is not None and self.ready_shell is None and self.preparing is None:
+            self.preparing = asyncio.get_running_loop().create_task(self._prepare(self.zygote))
+
+    async def _prepare(self, zygote: _Zygote) -> None:
+        try:
+            if await within([zygote.started], _SPAWNER_ANSWER) and not zygote.gone:
+                self.ready_shell = await zygote.prepare()
+        except (OSError, SpawnerBroken):
+            pass  # the next warm() tries again
+        finally:
+            self.preparing = None
 
     def _start(self, kind: type[_S]) -> _S | None:
         try:
@@ -720,12 +806,21 @@ class Launcher:
         stderr on the given fds, and `extra_fd` as the child's fd CHILD_FD stands for.
         Raises OSError as Popen does (BlockingIOError: the process limit is full)."""
         zygote = self.zygote
-        if zygote is not None and zygote.ready and env is self.env and extra_fd is None and len(argv) == 3 and argv[:2] == ["bash", "-c"]:
+        if zygote is not None and env is self.env and extra_fd is None and len(argv) == 3 and argv[:2] == ["bash", "-c"]:
             if zygote.fits(argv[2]):
-                try:
-                    return await zygote.run(argv[2], [self.devnull, stdout, stderr], cwd or self.cwd)
-                except SpawnerBroken:
-                    pass
+                fds = [self.devnull, stdout, stderr]
+                if self.ready_shell is None and self.preparing is not None:
+                    await within([self.preparing], _SPAWNER_ANSWER)  # sooner than a fork queued behind it
+                shell, self.ready_shell = self.ready_shell, None
+                if shell is not None:
+                    if shell.usable() and shell.give(argv[2], fds, cwd or self.cwd):
+                        return shell.child
+                    shell.discard()
+                if zygote.ready:
+                    try:
+                        return await zygote.run(argv[2], fds, cwd or self.cwd)
+                    except SpawnerBroken:
+                        pass
         spawner = self.spawner
         if spawner is not None and spawner.ready:
             fds = [self.devnull, stdout, stderr] + ([extra_fd] if extra_fd is not None else [])
