@@ -1,9 +1,12 @@
 """agent/process.py: output buffers, the process table, killing a whole tree (also what
-left its session), and thread identities, on this host's real processes."""
+left its session), thread identities, on this host's real processes; and the agent's end of
+the bash zygote, fed hostile answers (the zygote itself runs only in the image: e2e tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -95,3 +98,69 @@ def test_without_root_nothing_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     # Not root: only this process's own descendants are killable.
     table = [(os.getpid(), 1, 1, 0), (4242, os.getpid(), 1, 0), (4343, 1, 1, 1000)]
     assert proc._killable(table) == {4242}
+
+
+def _zygote_end(launcher: proc.Launcher) -> tuple[proc._Zygote, socket.socket]:
+    """The agent's end of a zygote whose other end is the test's (no process: the test
+    speaks for it, as a hostile one could)."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = object.__new__(proc._Zygote)
+    zygote.launcher, zygote.loop, zygote.sock = launcher, asyncio.get_running_loop(), mine
+    zygote.proc = subprocess.Popen(["sleep", "60"])
+    zygote.ready, zygote.gone, zygote.number, zygote.requests = False, False, 0, {}
+    zygote.started = zygote.loop.create_future()
+    mine.setblocking(False)
+    zygote.loop.add_reader(mine.fileno(), zygote._readable)
+    return zygote, theirs
+
+
+def _answer(sock: socket.socket, kind: int, number: int, value: int, fds: tuple[int, ...] = ()) -> None:
+    socket.send_fds(sock, [proc._ANSWER.pack(kind, number, value)], list(fds))
+
+
+def _open_fds() -> set[int]:
+    listed = os.listdir("/proc/self/fd")  # (the fd that listed them is closed by now)
+    return {int(fd) for fd in listed if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+def test_zygote_answers_are_checked_and_stray_fds_closed() -> None:
+    async def scenario() -> None:
+        launcher = proc.Launcher({})
+        zygote, theirs = _zygote_end(launcher)
+        try:
+            _answer(theirs, proc.READY, 0, 1)
+            await asyncio.wait_for(zygote.started, 1)
+            before = _open_fds()
+            # A prepared shell comes with its socket...
+            child_end, kept = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            preparing = asyncio.ensure_future(zygote.prepare())
+            await asyncio.sleep(0.05)
+            _answer(theirs, proc.PREPARED, 1, 4_000_000, (child_end.fileno(),))
+            shell = await asyncio.wait_for(preparing, 1)
+            assert shell.child.pid == 4_000_000 and shell.sock.fileno() >= 0
+            shell.sock.close()
+            launcher.running.pop(4_000_000, None)
+            # ... and nothing else may bring one: a SPAWNED with an fd, a PREPARED without
+            # one, an fd with no request: each fd is closed, each such answer refused.
+            running = asyncio.ensure_future(zygote.run("true", [launcher.devnull] * 3, "/"))
+            await asyncio.sleep(0.05)
+            _answer(theirs, proc.SPAWNED, 2, 4_000_001, (kept.fileno(),))
+            with pytest.raises(OSError):
+                await asyncio.wait_for(running, 1)
+            preparing = asyncio.ensure_future(zygote.prepare())
+            await asyncio.sleep(0.05)
+            _answer(theirs, proc.PREPARED, 3, 4_000_002)
+            with pytest.raises(OSError):
+                await asyncio.wait_for(preparing, 1)
+            _answer(theirs, proc.EXITED, 99, 0, (kept.fileno(), kept.fileno()))
+            _answer(theirs, proc.PREPARED, 1, 4_000_003, (kept.fileno(),))  # settled already
+            await asyncio.sleep(0.1)
+            left = _open_fds() - before - {child_end.fileno(), kept.fileno()}
+            assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left}
+        finally:
+            zygote.stop()
+            theirs.close()
+            kept.close()
+            child_end.close()
+
+    asyncio.run(scenario())
