@@ -68,6 +68,17 @@ class Call:
         self.connection.send(self.id, reply)
 
 
+class _Pipe(asyncio.Protocol):
+    """The write end of a connection: says when its fd is closed."""
+
+    def __init__(self) -> None:
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
 class Connection:
     """One server's connection: request frames in, reply frames out (non-blocking)."""
 
@@ -88,7 +99,7 @@ class Connection:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(self.out_fd, "wb", buffering=0))
+        self.transport, pipe = await loop.connect_write_pipe(_Pipe, os.fdopen(self.out_fd, "wb", buffering=0))
         decoder = p.FrameDecoder()
         ended = loop.create_future()
 
@@ -115,6 +126,11 @@ class Connection:
             loop.remove_reader(self.in_fd)
             os.close(self.in_fd)
             self.transport.close()
+            # The relay's fds are the engine exec's: they must be closed before the relay may
+            # end (closing sock ends it), since the engine's checkpoint waits only for the
+            # exec to end, and a sandbox holding an exec's fds cannot be restored. The
+            # transport closes its fd on a later turn of the loop.
+            await within([pipe.lost], 1.0)
             self.sock.close()
 
     def dispatch(self, message: Any) -> None:
