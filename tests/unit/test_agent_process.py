@@ -107,7 +107,7 @@ def _zygote_end(launcher: proc.Launcher) -> tuple[proc._Zygote, socket.socket]:
     zygote = object.__new__(proc._Zygote)
     zygote.launcher, zygote.loop, zygote.sock = launcher, asyncio.get_running_loop(), mine
     zygote.proc = subprocess.Popen(["sleep", "60"])
-    zygote.ready, zygote.gone, zygote.number, zygote.requests = False, False, 0, {}
+    zygote.gone, zygote.number, zygote.requests = False, 0, {}
     zygote.started = zygote.loop.create_future()
     mine.setblocking(False)
     zygote.loop.add_reader(mine.fileno(), zygote._readable)

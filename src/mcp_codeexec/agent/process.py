@@ -365,7 +365,7 @@ class _Request:
     __slots__ = ("spawned", "exited", "pid", "abandoned", "watermark", "sent", "fd")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, watermark: int) -> None:
-        self.fd = -1  # what came with a PREPARED answer
+        self.fd = -1  # what came with a PREPARED answer (then the ReadyShell's)
         self.spawned: asyncio.Future[int] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.pid = 0
@@ -380,6 +380,8 @@ class SpawnerBroken(Exception):
 
 class _Spawner:
     """The agent's end of one spawner process (the Python one: any argv, any environment)."""
+
+    brings_fds = False  # may an answer bring an fd (only the zygote's PREPARED)
 
     def __init__(self, launcher: Launcher) -> None:
         self.launcher = launcher
@@ -406,12 +408,15 @@ class _Spawner:
         self.introduce(mine)
         mine.setblocking(False)
         self.sock = mine
-        self.ready = False
         self.started: asyncio.Future[None] = self.loop.create_future()  # done at READY
         self.gone = False
         self.number = 0
         self.requests: dict[int, _Request] = {}
         self.loop.add_reader(mine.fileno(), self._readable)
+
+    @property
+    def ready(self) -> bool:
+        return self.started.done()
 
     def argv(self, fd: int) -> list[str]:
         return [sys.executable, "-I", "-S", "-c", _SPAWNER_BOOT, str(fd), "mcp-codeexec-spawner"]
@@ -430,6 +435,10 @@ class _Spawner:
         return await self.request(self.number, marshal.dumps((self.number, cwd or "", argv, env)), fds)
 
     async def request(self, number: int, message: bytes, fds: list[int]) -> Child:
+        return Child((request := await self._send(number, message, fds)).pid, request.exited, self)
+
+    async def _send(self, number: int, message: bytes, fds: list[int]) -> _Request:
+        """Send one request; its _Request once the child is started (its pid known)."""
         if len(message) > _MAX_REQUEST:
             raise SpawnerBroken("request too large")
         try:
@@ -444,12 +453,12 @@ class _Spawner:
                 # claimed among the orphans; if it made none, SpawnerBroken: start directly.
                 self.stop()
                 await within([request.spawned], None)
-            pid = request.spawned.result()
+            request.spawned.result()
         except BaseException:
             request.abandoned = True
             self._settle(number)
             raise
-        return Child(pid, request.exited, self)
+        return request
 
     def _readable(self) -> None:
         try:
@@ -461,33 +470,35 @@ class _Spawner:
         fd = fds[0] if fds else -1
         if fd >= 0:
             os.set_inheritable(fd, False)
+        taken = False
         try:
-            self._answer(data, fd)
+            taken = self._answer(data, fd)
         finally:
-            request = self.requests.get(_ANSWER.unpack(data)[1]) if len(data) == _ANSWER.size else None
-            if fd >= 0 and (request is None or request.fd != fd):
+            if fd >= 0 and not taken:
                 os.close(fd)  # only a PREPARED answer brings one, and only once
 
-    def _answer(self, data: bytes, fd: int) -> None:
+    def _answer(self, data: bytes, fd: int) -> bool:
+        """Act on one answer; True if its request took `fd`."""
         if not data:
             self.stop()
-            return
+            return False
         if len(data) != _ANSWER.size:
-            return  # not an answer: ignored
+            return False  # not an answer: ignored
         kind, number, value = _ANSWER.unpack(data)
         if kind == READY:
-            self.ready = True
             if not self.started.done():
                 self.started.set_result(None)
-            return
+            return False
         request = self.requests.get(number)
         if request is None:
-            return
+            return False
+        taken = False
         if kind in (SPAWNED, PREPARED) and not request.spawned.done():
-            if value <= 1 or value in self.launcher.running or (kind == PREPARED) != (fd >= 0 and isinstance(self, _Zygote)):
+            if value <= 1 or value in self.launcher.running or (kind == PREPARED) != (fd >= 0 and self.brings_fds):
                 request.spawned.set_exception(OSError(errno.EIO, f"the process spawner answered pid {value}"))
             else:
-                request.fd = fd
+                if not request.abandoned:  # (an abandoned one's fd is closed, its child killed)
+                    request.fd, taken = fd, fd >= 0
                 request.pid = value
                 self.launcher.last_pid = max(self.launcher.last_pid, value)
                 request.spawned.set_result(value)
@@ -505,11 +516,12 @@ class _Spawner:
             try:
                 code = os.waitstatus_to_exitcode(value)
             except ValueError:
-                return
+                return False
             request.exited.set_result(code)
             if request.pid:
                 self.launcher.running.pop(request.pid, None)
         self._settle(number)
+        return taken
 
     def _settle(self, number: int) -> None:
         request = self.requests.get(number)
@@ -555,6 +567,8 @@ class _Zygote(_Spawner):
     stderr. It starts only commands in its own environment (the agent's), and only those
     short enough for its command-line room; anything else goes to the Python spawner."""
 
+    brings_fds = True
+
     def argv(self, fd: int) -> list[str]:
         return ["bash", "-c", f"enable -f {BASH_RUN} mcp_run && mcp_run {fd} {ZYGOTE_ROOM}", "mcp-codeexec-zygote", "-" * ZYGOTE_ROOM]
 
@@ -578,14 +592,8 @@ class _Zygote(_Spawner):
     async def prepare(self) -> ReadyShell:
         """A shell forked ahead of the next command (see ReadyShell)."""
         self.number += 1
-        number = self.number
-        child = await self.request(number, struct.pack("=ic", number, b"P"), [])
-        request = self.requests.get(number)
-        fd = request.fd if request is not None else -1
-        if fd < 0:  # (settled already: it ended at once)
-            raise SpawnerBroken("the prepared shell ended")
-        request.fd = -1  # type: ignore[union-attr]
-        return ReadyShell(child, socket.socket(fileno=fd))
+        request = await self._send(self.number, struct.pack("=ic", self.number, b"P"), [])
+        return ReadyShell(Child(request.pid, request.exited, self), socket.socket(fileno=request.fd))
 
 
 def _command_message(command: str, cwd: str) -> bytes:
