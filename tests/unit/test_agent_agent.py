@@ -3,10 +3,14 @@ cancellation, concurrent calls, several connections, bad requests, and the works
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import anyio
 import pytest
 
 from mcp_codeexec.agent import protocol as p
+from mcp_codeexec.agent.bootstrap import relay_argv
 from mcp_codeexec.agent.client import connect_agent
 from unit.conftest import local_settings, manager, workspace
 
@@ -78,3 +82,52 @@ async def test_several_connections_to_one_agent(base: str) -> None:
         assert a.pid == b.pid  # one agent serves both
         await second.aclose()
         assert isinstance(await first.request(p.Ping()), p.PingResult)  # the other connection is unaffected
+
+
+def _links(pid: int) -> set[str]:
+    """What a process's fds point at (pipe:[inode] for a pipe)."""
+    links = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return links
+
+
+async def test_a_connection_that_ends_leaves_none_of_its_fds_in_the_agent(base: str) -> None:
+    """The relay's stdin and stdout are the engine exec's: once the relay has exited (the
+    engine then counts the exec as ended and may checkpoint), the agent must hold neither
+    (gVisor cannot restore a sandbox that holds an exec's fd). Both ways a connection
+    ends: its server closes it, and its server is gone before the agent's hello."""
+    s = local_settings(base)
+    async with manager(s) as m:
+        sandbox = await m.new("t")
+        first = await sandbox.agent()
+        agent_pid = (await first.request(p.Ping())).pid
+        config = {"root": s.workdir, "rlimit_as": s.rlimit_as}
+        before = _links(agent_pid)
+        second = await connect_agent(m.deployment, sandbox.name, m.task_group, config)
+        await second.request(p.Ping())
+        theirs = {link for link in _links(agent_pid) - before if link.startswith("pipe:")}
+        assert len(theirs) == 2  # the agent reads and writes the relay's own stdin and stdout
+        await second.aclose()
+        assert second.stream._process.returncode is not None  # type: ignore[attr-defined]
+        assert not theirs & _links(agent_pid)
+
+        # A relay whose reader is gone before the hello: the agent's write fails (EPIPE).
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        os.close(stdout_r)
+        gone = {os.readlink(f"/proc/self/fd/{fd}") for fd in (stdin_r, stdout_w)}
+        proc = subprocess.Popen(relay_argv(m.deployment._socket(sandbox.name)), stdin=stdin_r, stdout=stdout_w)
+        os.close(stdin_r)
+        os.close(stdout_w)
+        try:
+            await anyio.to_thread.run_sync(proc.wait, 10)
+            assert not gone & _links(agent_pid)
+        finally:
+            os.close(stdin_w)
+            proc.kill()
+            proc.wait()
+        assert isinstance(await first.request(p.Ping()), p.PingResult)  # the agent serves on

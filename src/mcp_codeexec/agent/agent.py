@@ -5,12 +5,12 @@ as root with only SETUID, SETGID and KILL: the user's processes, which run as ui
 cannot signal it, trace it or open its file descriptors (process.py).
 
 Servers reach it through a Unix socket in a directory only root can enter: for each
-connection the server execs a small relay in the sandbox, which hands its stdin and
-stdout to the agent over that socket (SCM_RIGHTS) and waits; the agent then reads request
-frames from the one and writes reply frames to the other, with no copying in between.
+connection the server execs a small relay in the sandbox, which hands its stdout (and a
+pipe it copies its stdin into) to the agent over that socket (SCM_RIGHTS) and waits; the
+agent then reads request frames from the one and writes reply frames straight to the
+other (bootstrap.py says why stdin is copied).
 Several connections may be open at once (two servers sharing a sandbox); each has its
-own request ids. One process serves every call, so a call costs a spawn of `bash` and
-nothing else: no `docker exec` per call.
+own request ids. One process serves every call: no `docker exec` per call.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Call:
 
 
 class _Pipe(asyncio.Protocol):
-    """The write end of a connection: says when its fd is closed."""
+    """The write end of a connection: says when its transport has let go of the fd."""
 
     def __init__(self) -> None:
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -99,39 +99,54 @@ class Connection:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        self.transport, pipe = await loop.connect_write_pipe(_Pipe, os.fdopen(self.out_fd, "wb", buffering=0))
-        decoder = p.FrameDecoder()
-        ended = loop.create_future()
-
-        def readable() -> None:  # requests are read straight from the event loop (no stream objects)
-            chunk = read_some(self.in_fd)
-            try:
-                if chunk:
-                    for message in decoder.feed(chunk):
-                        self.dispatch(message)
-                    return
-            except p.ProtocolError:
-                pass  # a server that speaks garbage is dropped
-            if chunk is not None and not ended.done():
-                ended.set_result(None)
-
-        os.set_blocking(self.in_fd, False)
-        loop.add_reader(self.in_fd, readable)
+        pipe: _Pipe | None = None
+        reading = False
         try:
+            # closefd=False: the fd stays ours to close (_let_go), whatever the transport does.
+            out = os.fdopen(self.out_fd, "wb", buffering=0, closefd=False)
+            self.transport, pipe = await loop.connect_write_pipe(_Pipe, out)
+            decoder = p.FrameDecoder()
+            ended = loop.create_future()
+
+            def readable() -> None:  # requests are read straight from the event loop (no stream objects)
+                chunk = read_some(self.in_fd)
+                try:
+                    if chunk:
+                        for message in decoder.feed(chunk):
+                            self.dispatch(message)
+                        return
+                except p.ProtocolError:
+                    pass  # a server that speaks garbage is dropped
+                if chunk is not None and not ended.done():
+                    ended.set_result(None)
+
+            os.set_blocking(self.in_fd, False)
+            loop.add_reader(self.in_fd, readable)
+            reading = True
             await ended
         finally:
             # The server went away: what it started dies with its connection.
             for task in list(self.tasks.values()):
                 task.cancel()
-            loop.remove_reader(self.in_fd)
-            os.close(self.in_fd)
+            if reading:
+                loop.remove_reader(self.in_fd)
+            await self._let_go(pipe)
+
+    async def _let_go(self, pipe: _Pipe | None) -> None:
+        """Close the exec's fds, and only then the socket the relay waits on. The engine
+        ends the exec when the relay exits, and a checkpoint taken once no exec runs
+        cannot be restored if any fd of an exec is still open (gVisor restores the
+        container's own stdio only): every path out of a connection comes through here."""
+        os.close(self.in_fd)
+        if self.transport is not None and pipe is not None:
+            # The transport lets go of the fd on a later turn of the loop, once its buffer
+            # is written; a server that stopped reading has it dropped after a second.
             self.transport.close()
-            # The relay's fds are the engine exec's: they must be closed before the relay may
-            # end (closing sock ends it), since the engine's checkpoint waits only for the
-            # exec to end, and a sandbox holding an exec's fds cannot be restored. The
-            # transport closes its fd on a later turn of the loop.
-            await within([pipe.lost], 1.0)
-            self.sock.close()
+            if not await within([pipe.lost], 1.0):
+                self.transport.abort()
+                await within([pipe.lost], 1.0)
+        os.close(self.out_fd)
+        self.sock.close()
 
     def dispatch(self, message: Any) -> None:
         try:
@@ -196,8 +211,14 @@ class Agent:
             sock, _ = await loop.sock_accept(listener)
             try:
                 fds = await _receive_fds(sock)
-                self.hello(fds[1])
             except (OSError, ValueError):
+                sock.close()
+                continue
+            try:
+                self.hello(fds[1])
+            except OSError:  # the server is gone already: its exec's fds go before its relay
+                for fd in fds:
+                    os.close(fd)
                 sock.close()
                 continue
             self.connect(sock, *fds)

@@ -6,9 +6,10 @@
   connects, and the image needs nothing but python3. A server whose code differs (another
   version) sends Reload: the agent becomes the loader again, in the same process.
 - Each server connection is a *relay* (`relay_argv()`), exec'd in the sandbox by the
-  backend: it passes its own stdin and stdout to the agent over the socket and waits
-  until the agent lets go of them. The server then speaks frames over the exec stream as
-  if to the agent's own stdio, with no copying process in between.
+  backend: it passes its own stdout to the agent over the socket, with a pipe it copies
+  its stdin into, and waits until the agent lets go of them. The server then speaks
+  frames over the exec stream as if to the agent's own stdio; replies reach it with no
+  copying process in between.
 
 The loader and the relay are kept small and stable: a container keeps the loader it was
 created with for its whole life.
@@ -92,9 +93,19 @@ sys.modules["mcp_codeexec.agent.agent"].main(listener, (conn, fds[0], fds[1]), c
 """
 
 # python3 -I -S -u -c RELAY: wait for the agent's socket (the sandbox may be starting), hand
-# over stdin and stdout, then wait until the agent closes its end (the connection is over).
+# the agent its stdout and the read end of a pipe it copies its stdin into, then wait until
+# the agent closes its end (the connection is over), and exit.
+#
+# Why stdin is copied, not handed over: gVisor cannot restore a checkpoint in which anything
+# still refers to an exec's fd. The agent closes both of the exec's fds before it lets the
+# relay end, yet in a loop of the checkpoint tests under CPU load 2 of some 20 checkpoints
+# still held the exec's stdin (gVisor's "no host FD available for :host:0" on restore)
+# while no process in the sandbox had it open: a reference inside gVisor, after the agent
+# had read that stdin to its end.
+# Now only the relay, which exits before any checkpoint, ever has it. Requests are small;
+# replies, the bulk, still go straight from the agent to the exec's stdout.
 _RELAY = r"""
-import os, socket, sys, time
+import os, socket, sys, threading, time
 s = socket.socket(socket.AF_UNIX)
 for _ in range(600):
     try:
@@ -104,11 +115,25 @@ for _ in range(600):
         time.sleep(0.05)
 else:
     sys.exit("mcp-codeexec relay: the agent's socket never appeared")
-socket.send_fds(s, [b"F"], [0, 1])
+r, w = os.pipe()
+socket.send_fds(s, [b"F"], [r, 1])
+os.close(r)
 devnull = os.open(os.devnull, os.O_RDWR)
-os.dup2(devnull, 0)
 os.dup2(devnull, 1)
+def copy():
+    try:
+        while True:
+            b = memoryview(os.read(0, 1 << 18))
+            if not b:
+                break
+            while b:
+                b = b[os.write(w, b):]
+    except OSError:
+        pass
+    os.close(w)
+threading.Thread(target=copy, daemon=True).start()
 s.recv(1)
+os._exit(0)
 """
 
 
