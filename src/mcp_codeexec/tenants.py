@@ -181,6 +181,8 @@ class Usage:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._tmp = path.with_suffix(".tmp")
+        self._dir_made = False
         self._lock = threading.Lock()
         self._data: dict[str, _TenantUsage] = {}
         try:
@@ -198,10 +200,17 @@ class Usage:
             self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({t: vars(u) for t, u in self._data.items()}))
-        os.replace(tmp, self.path)
+        """On every call's path: a write and a rename, nothing more (the directory is
+        made once, the file is written with one system call)."""
+        if not self._dir_made:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._dir_made = True
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, json.dumps({t: vars(u) for t, u in self._data.items()}).encode())
+        finally:
+            os.close(fd)
+        os.replace(self._tmp, self.path)
 
     def report(self, tenant: str) -> dict[str, Any]:
         with self._lock:
