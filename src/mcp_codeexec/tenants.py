@@ -200,16 +200,11 @@ class Usage:
             self._save()
 
     def _save(self) -> None:
-        """On every call's path: a write and a rename, nothing more (the directory is
-        made once, the file is written with one system call)."""
+        """On every call's path: a write and a rename (the directory is made once)."""
         if not self._dir_made:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._dir_made = True
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, json.dumps({t: vars(u) for t, u in self._data.items()}).encode())
-        finally:
-            os.close(fd)
+        self._tmp.write_bytes(json.dumps({t: vars(u) for t, u in self._data.items()}).encode())
         os.replace(self._tmp, self.path)
 
     def report(self, tenant: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.editor import Editor, EditorError
@@ -73,6 +73,10 @@ class _Pipe(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.WriteTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)  # connect_write_pipe's
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -100,7 +104,6 @@ class Connection:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         pipe: _Pipe | None = None
-        reading = False
         try:
             # closefd=False: the fd stays ours to close (_let_go), whatever the transport does.
             out = os.fdopen(self.out_fd, "wb", buffering=0, closefd=False)
@@ -122,14 +125,12 @@ class Connection:
 
             os.set_blocking(self.in_fd, False)
             loop.add_reader(self.in_fd, readable)
-            reading = True
             await ended
         finally:
             # The server went away: what it started dies with its connection.
             for task in list(self.tasks.values()):
                 task.cancel()
-            if reading:
-                loop.remove_reader(self.in_fd)
+            loop.remove_reader(self.in_fd)  # (False if never added)
             await self._let_go(pipe)
 
     async def _let_go(self, pipe: _Pipe | None) -> None:
@@ -138,12 +139,12 @@ class Connection:
         cannot be restored if any fd of an exec is still open (gVisor restores the
         container's own stdio only): every path out of a connection comes through here."""
         os.close(self.in_fd)
-        if self.transport is not None and pipe is not None:
+        if pipe is not None and pipe.transport is not None:
             # The transport lets go of the fd on a later turn of the loop, once its buffer
             # is written; a server that stopped reading has it dropped after a second.
-            self.transport.close()
+            pipe.transport.close()
             if not await within([pipe.lost], 1.0):
-                self.transport.abort()
+                pipe.transport.abort()
                 await within([pipe.lost], 1.0)
         os.close(self.out_fd)
         self.sock.close()

@@ -435,7 +435,8 @@ class _Spawner:
         return await self.request(self.number, marshal.dumps((self.number, cwd or "", argv, env)), fds)
 
     async def request(self, number: int, message: bytes, fds: list[int]) -> Child:
-        return Child((request := await self._send(number, message, fds)).pid, request.exited, self)
+        request = await self._send(number, message, fds)
+        return Child(request.pid, request.exited, self)
 
     async def _send(self, number: int, message: bytes, fds: list[int]) -> _Request:
         """Send one request; its _Request once the child is started (its pid known)."""
