@@ -3,8 +3,10 @@ wrong), the token verifier, the per-tenant limits, and metering."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,7 @@ def test_usage_bills_a_minimum_per_container_and_survives_a_restart(tmp_path: Pa
     usage.record("alice", "container_a", 2.0)
     usage.record("alice", "container_b", 400.0)
     usage.record("alice", None, 9.0)  # a call that reached no container: counted, not billed
+    usage.flush()  # (the writer thread saves it soon anyway; at exit, flush() runs)
     report = Usage(tmp_path / "usage.json").report("alice")
     assert report == {
         "tenant": "alice",
@@ -142,6 +145,22 @@ def test_usage_bills_a_minimum_per_container_and_survives_a_restart(tmp_path: Pa
         ],
     }
     assert usage.report("bob")["code_execution_requests"] == 0
+
+
+def test_usage_is_saved_by_its_writer_thread_and_a_failing_save_never_fails_a_call(tmp_path: Path) -> None:
+    usage = Usage(tmp_path / "usage.json")
+    usage.record("alice", "container_a", 1.0)
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "usage.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads((tmp_path / "usage.json").read_text())["alice"]["code_execution_requests"] == 1
+    blocked = Usage(tmp_path / "file" / "usage.json")  # its directory cannot be made: a file is in the way
+    (tmp_path / "file").write_text("")
+    blocked.record("alice", "container_a", 1.0)  # no exception: the writer logs it
+    with pytest.raises(OSError):
+        blocked.flush()
+    assert blocked.report("alice")["code_execution_requests"] == 1
+    atexit.unregister(blocked._save_quietly)  # (its exit-time save would only log the same)
 
 
 def test_usage_starts_afresh_from_an_unreadable_file(tmp_path: Path) -> None:
