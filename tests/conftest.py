@@ -21,6 +21,7 @@ import httpx2
 import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from processes import server_pids  # noqa: F401 - the e2e tests import it from here
 from strict import validate_result
 
 from mcp_codeexec.deployment.base import remove_all
@@ -125,21 +126,6 @@ async def connect(*args: str, errlog: TextIO | None = None) -> AsyncIterator[Ses
     params = server_params(*args)
     async with Client(stdio_client(params, errlog=errlog) if errlog else params) as client:
         yield Session(client)
-
-
-def server_pids(marker: str) -> list[int]:
-    """Server processes started with `marker` among their arguments (an unusual flag value)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"mcp_codeexec" in args and b"-m" in args and marker.encode() in args:
-                pids.append(int(entry))
-    return pids
 
 
 def free_port() -> int:

@@ -7,12 +7,13 @@ import logging
 import os
 import signal
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
 from mcp.server.stdio import stdio_server
 
-from mcp_codeexec import __version__
+from mcp_codeexec import __version__, stdio
 from mcp_codeexec.config import Settings, parse_duration, parse_size
 from mcp_codeexec.files import upload_plan
 from mcp_codeexec.profiles import VERSIONS
@@ -234,7 +235,12 @@ async def serve_stdio(settings: Settings) -> None:
                     return
 
         tg.start_soon(on_signal)
-        async with stdio_server() as (read, write):
+        async with AsyncExitStack() as stack:
+            if stdio.usable():  # pipes: read and written from the loop, no thread hand-offs
+                stdin, stdout = await stack.enter_async_context(stdio.streams())
+                read, write = await stack.enter_async_context(stdio_server(stdin, stdout))  # type: ignore[arg-type]
+            else:
+                read, write = await stack.enter_async_context(stdio_server())
             await server.run(read, write, server.create_initialization_options())
         tg.cancel_scope.cancel()
 
