@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -164,3 +166,34 @@ def test_zygote_answers_are_checked_and_stray_fds_closed() -> None:
             child_end.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.anyio
+async def test_a_ready_shell_is_usable_only_while_it_runs_and_its_pid_cannot_be_mistaken() -> None:
+    """usable() reads the process's stat through an fd opened when the shell was made: a
+    stopped, ended or reaped shell is refused, even once its pid is free for another."""
+    child = subprocess.Popen(["sleep", "30"])
+    mine, theirs = socket.socketpair()
+    shell = proc.ReadyShell(proc.Child(child.pid, asyncio.get_running_loop().create_future()), mine)
+    try:
+        assert shell.usable()
+        os.kill(child.pid, signal.SIGSTOP)
+        assert _soon(lambda: not shell.usable())
+        os.kill(child.pid, signal.SIGCONT)
+        assert _soon(shell.usable)
+        child.kill()
+        child.wait()  # reaped: the fd still names that process, now gone
+        assert not shell.usable()
+    finally:
+        shell.discard()
+        theirs.close()
+    assert shell.stat == -1 and mine.fileno() == -1  # both closed
+
+
+def _soon(check: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + 5
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

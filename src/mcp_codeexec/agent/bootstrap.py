@@ -120,12 +120,14 @@ socket.send_fds(s, [b"F"], [r, 1])
 os.close(r)
 devnull = os.open(os.devnull, os.O_RDWR)
 os.dup2(devnull, 1)
+buf = bytearray(1 << 18)  # one buffer: a fresh 256 KiB bytes per read is an mmap, an mremap and a munmap
 def copy():
     try:
         while True:
-            b = memoryview(os.read(0, 1 << 18))
-            if not b:
+            n = os.readv(0, [buf])
+            if not n:
                 break
+            b = memoryview(buf)[:n]
             while b:
                 b = b[os.write(w, b):]
     except OSError:

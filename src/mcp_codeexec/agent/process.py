@@ -607,19 +607,23 @@ class ReadyShell:
     command is one message: no fork on the call's path (under gVisor a fork of even a small
     bash is ~3 ms of page-table copying). Given up, it is killed, never left to run something."""
 
-    __slots__ = ("child", "sock")
+    __slots__ = ("child", "sock", "stat")
 
     def __init__(self, child: Child, sock: socket.socket) -> None:
         self.child = child
         self.sock = sock
+        try:  # opened now, off the call's path: usable() is then one pread, not an open and a read
+            self.stat = os.open(f"/proc/{child.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.stat = -1
 
     def usable(self) -> bool:
-        """Not ended, not stopped or traced (the user can do either to it)."""
-        if self.child.exited.done():
+        """Not ended, not stopped or traced (the user can do either to it). The fd stays
+        this process's, whatever pid is reused: an ended one reads as state X."""
+        if self.child.exited.done() or self.stat < 0:
             return False
         try:
-            with open(f"/proc/{self.child.pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+            state = os.pread(self.stat, 512, 0).rsplit(b")", 1)[1].split()[0]
         except (OSError, IndexError):
             return False
         return state not in (b"T", b"t", b"Z", b"X")
@@ -630,16 +634,22 @@ class ReadyShell:
         except OSError:
             return False
         finally:
-            self.sock.close()
+            self._close()
         return True
 
     def discard(self) -> None:
-        self.sock.close()
+        self._close()
         if not self.child.exited.done():
             try:
                 os.kill(self.child.pid, signal.SIGKILL)
             except OSError:
                 pass
+
+    def _close(self) -> None:
+        self.sock.close()
+        if self.stat >= 0:
+            os.close(self.stat)
+            self.stat = -1
 
 
 class Launcher:
