@@ -312,17 +312,19 @@ class Agent:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            for attempt in (1, 2):
+            for wait in (0.3, 1.0, None):
                 try:
                     child = await self.launcher.spawn(argv, stdout=out_w, stderr=err_w, cwd=request.cwd, env=env, extra_fd=script_fd)
                     break
                 except BlockingIOError:
-                    if attempt == 2:
+                    if wait is None:
                         raise
                     # The process limit is full, most likely of what earlier commands left
-                    # running in the background (a fork bomb): clear the sandbox and retry.
+                    # running in the background (a fork bomb): clear the sandbox and retry,
+                    # once more after a longer wait (after a bomb of a few hundred processes,
+                    # reaping them and gVisor freeing their slots can take longer than 0.3 s).
                     kill_user_processes()
-                    await asyncio.sleep(0.3)  # for them to be reaped
+                    await asyncio.sleep(wait)  # for them to be reaped
                     notice = (
                         "[mcp-codeexec] the sandbox's process limit was full; every process left running by earlier "
                         "commands was killed to run this one\n"
