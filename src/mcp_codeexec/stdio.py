@@ -13,13 +13,14 @@ nothing a child process or a stray print writes can corrupt the wire, and restor
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+import anyio
 
 _CHUNK = 1 << 16
 
@@ -60,7 +61,7 @@ class LineReader:
         try:
             chunk = os.read(self.fd, _CHUNK)
         except BlockingIOError:
-            await _ready(self.fd, writing=False)
+            await anyio.wait_readable(self.fd)
             return
         if not chunk:
             self._eof = True
@@ -69,6 +70,8 @@ class LineReader:
                 self._partial.clear()
             return
         self._partial += chunk
+        if b"\n" not in chunk:  # a long line in many chunks: only the new one is searched
+            return
         *lines, rest = self._partial.split(b"\n")
         self._lines.extend(bytes(line) + b"\n" for line in lines)
         self._partial = bytearray(rest)
@@ -89,32 +92,15 @@ class Writer:
             try:
                 written = os.write(self.fd, self._pending)
             except BlockingIOError:
-                await _ready(self.fd, writing=True)
+                await anyio.wait_writable(self.fd)
                 continue
             del self._pending[:written]
-
-
-async def _ready(fd: int, *, writing: bool) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if writing else (loop.add_reader, loop.remove_reader)
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    add(fd, wake)
-    try:
-        await ready
-    finally:
-        remove(fd)
 
 
 @asynccontextmanager
 async def streams() -> AsyncIterator[tuple[LineReader, Writer]]:
     """The pipes on private duplicates (non-blocking while serving), fds 0 and 1 diverted."""
-    wire_in, wire_out = os.dup(0), os.dup(1)
-    saved_in, saved_out = os.dup(0), os.dup(1)
+    wire_in, wire_out = os.dup(0), os.dup(1)  # also what fds 0 and 1 are restored from
     blocking = os.get_blocking(wire_in), os.get_blocking(wire_out)
     null = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -126,7 +112,7 @@ async def streams() -> AsyncIterator[tuple[LineReader, Writer]]:
     finally:
         os.set_blocking(wire_in, blocking[0])
         os.set_blocking(wire_out, blocking[1])
-        os.dup2(saved_in, 0)
-        os.dup2(saved_out, 1)
-        for fd in (null, wire_in, wire_out, saved_in, saved_out):
+        os.dup2(wire_in, 0)
+        os.dup2(wire_out, 1)
+        for fd in (null, wire_in, wire_out):
             os.close(fd)
