@@ -28,7 +28,7 @@ from mcp_codeexec.agent import protocol as p
 from mcp_codeexec.agent.bootstrap import loader_argv
 from mcp_codeexec.agent.client import AgentClient, AgentDied, CommandTools, connect_agent
 from mcp_codeexec.config import Settings
-from mcp_codeexec.deployment.base import Deployment, SandboxSpec
+from mcp_codeexec.deployment.base import MANAGED_LABEL, Deployment, SandboxSpec
 from mcp_codeexec.errors import (
     CheckpointFailed,
     CodeExecError,
@@ -107,7 +107,7 @@ def sandbox_spec(
         workdir=s.workdir,
         tmp_bytes=s.tmp_bytes,
         command=tuple(loader_argv(p.PROTOCOL_VERSION)),
-        labels={f"{LABEL}.managed": "1", f"{LABEL}.layout": LAYOUT, **info.labels(), **(extra_labels or {})},
+        labels={MANAGED_LABEL: "1", f"{LABEL}.layout": LAYOUT, **info.labels(), **(extra_labels or {})},
         env={"HOME": "/home/sandbox", "LANG": "C.UTF-8", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"},
     )
 

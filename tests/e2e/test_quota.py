@@ -36,6 +36,8 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 
 import anyio
 import docker
@@ -45,7 +47,12 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 import mcp_codeexec
+from mcp_codeexec.config import Settings
 from mcp_codeexec.deployment import quota as q
+from mcp_codeexec.deployment.base import SandboxSpec
+from mcp_codeexec.deployment.docker import DockerDeployment
+from mcp_codeexec.errors import BackendUnavailable
+from mcp_codeexec.sandbox import ContainerInfo, sandbox_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -197,6 +204,14 @@ def devices_of(image: str) -> list[str]:
     return run("losetup", "--list", "--noheadings", "--output", "NAME", "--associated", image).split()
 
 
+def backing_file(device: str) -> str:
+    """The file a loop device is attached to ("" once detached)."""
+    try:
+        return open(f"/sys/block/{os.path.basename(device)}/loop/backing_file").read()
+    except FileNotFoundError:
+        return ""
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_enospc_at_the_quota_and_other_sandboxes_unaffected(engine, hosts, mode):
     async with Client(server(mode)) as client:
@@ -288,11 +303,7 @@ async def test_a_removed_sandbox_takes_its_filesystem_along(engine, hosts, mode)
     assert res.returncode == 0 and "could not" not in res.stderr, res.stderr
     assert volume["Name"] not in {v["Name"] for v in engine.volumes()["Volumes"] or []}
     assert not os.path.exists(image) and not os.path.lexists(link) and not os.path.exists(link[: -len(".dev")] + ".loop")
-    try:
-        backing = open(f"/sys/block/{os.path.basename(device)}/loop/backing_file").read()
-    except FileNotFoundError:
-        backing = ""  # detached
-    assert os.path.basename(image) not in backing, backing
+    assert os.path.basename(image) not in backing_file(device)
 
 
 async def test_no_quota_with_disk_0(engine):
@@ -335,3 +346,53 @@ def test_doctor_says_plainly_when_no_way_works(engine, hosts):
     line = next(line for line in res.stdout.splitlines() if "disk quota" in line)
     assert line.startswith("WARN  disk quota: not possible here: not root, and through the engine: "), res.stdout
     assert line.endswith("the server runs without a workspace quota"), res.stdout
+
+
+async def test_workspaces_no_container_uses_are_collected(engine, tmp_path):
+    """A create the engine refuses leaves no volume and no filesystem behind. A workspace
+    volume that no container uses (its server was killed between making the volume and its
+    container) is removed, with its filesystem and loop device, once housekeeping has seen
+    it unused in passes 10 minutes apart (here the first sighting is backdated instead of
+    waited for). A stopped sandbox's volume stays. Component level: the Docker backend as
+    root (direct), on the real engine, with real loop devices."""
+    backend = DockerDeployment(wanted=q.Wanted(64 * MiB, str(tmp_path / "ws"), IMAGE))
+    await backend.check(IMAGE)
+    assert backend.quota is not None and backend.quota.how == "direct"
+    settings = Settings(image=IMAGE, memory_bytes=512 << 20)
+
+    def new_spec() -> SandboxSpec:
+        info = ContainerInfo.new(timedelta(hours=1))
+        return sandbox_spec(settings, f"mcp-codeexec.{TENANT}.{info.id}", f"mcp-codeexec-ws.{info.id}", info)
+
+    def volumes() -> set[str]:
+        return {v["Name"] for v in engine.volumes()["Volumes"] or []}
+
+    def housekeeping() -> None:
+        backend._collected_at = -1e9  # due now
+        backend._collect_orphans()
+
+    refused = replace(new_spec(), image="mcp-codeexec-no-such-image:0")
+    with pytest.raises(BackendUnavailable):
+        await backend.create(refused)
+    assert refused.volume not in volumes() and not os.path.exists(backend.quota.image(refused.volume))
+
+    stray, kept = new_spec(), new_spec()
+    await backend.create(stray)
+    await backend.create(kept)  # created, never started
+    try:
+        engine.remove_container(stray.name)  # as if its server died before making it
+        image_file = backend.quota.image(stray.volume)
+        device = os.readlink(backend.quota.link(stray.volume))
+        assert devices_of(str(image_file)) == [device]
+        await anyio.to_thread.run_sync(housekeeping)
+        assert stray.volume in volumes() and image_file.exists()  # first seen unused: kept
+        backend._unused_since[stray.volume] -= 600
+        await anyio.to_thread.run_sync(housekeeping)
+        assert stray.volume not in volumes() and not image_file.exists()
+        assert not os.path.lexists(backend.quota.link(stray.volume)) and image_file.name not in backing_file(device)
+        assert kept.volume in volumes() and backend.quota.image(kept.volume).exists()
+        assert kept.volume not in backend._unused_since
+    finally:
+        await backend.remove(stray.name)
+        await backend.remove(kept.name)
+    assert kept.volume not in volumes() and not backend.quota.image(kept.volume).exists()

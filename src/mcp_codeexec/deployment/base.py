@@ -20,6 +20,8 @@ AGENT_DIR = "/run/mcp-codeexec"
 SANDBOX_USER = "1000:1000"
 # On a sandbox, the name of its workspace storage (the list of containers shows its size).
 VOLUME_LABEL = "org.mcp-codeexec.volume"
+# On every sandbox and workspace this server makes (what its housekeeping may collect).
+MANAGED_LABEL = "org.mcp-codeexec.managed"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.deployment.base import (
     AGENT_CAPABILITIES,
     AGENT_DIR,
+    MANAGED_LABEL,
     VOLUME_LABEL,
     AgentStream,
     BackendInfo,
@@ -65,6 +66,7 @@ LAYOUT_LABEL = "org.mcp-codeexec.layout"
 # Checkpoints are named for when they were made (ms since the epoch): one made before the
 # container's last start is stale (the sandbox ran on since) and is never restored.
 _CHECKPOINT_PREFIX = "mcp-codeexec-"
+_STRAY_AFTER = 600.0  # seconds: how often housekeeping runs, and how long a volume may be unused
 
 
 def _epoch_ms(stamp: str) -> int:
@@ -162,7 +164,8 @@ class DockerDeployment(Deployment):
         self._wanted = wanted  # a quota to set up once the engine answers (it may do the root part)
         self._wanted_lock = threading.Lock()
         self._api: docker.APIClient | None = None
-        self._collected_at = -1e9  # when orphaned quota filesystems were last released
+        self._collected_at = -1e9  # when orphaned workspaces were last collected
+        self._unused_since: dict[str, float] = {}  # workspace volumes no container uses, since when
         self._root_dir = "/var/lib/docker"  # the engine's; check() reads it (checkpoint sizes)
         self._written: set[str] = set()  # checkpoints this process saw finished (no wait to restore)
 
@@ -234,10 +237,10 @@ class DockerDeployment(Deployment):
         def create() -> None:
             # --- quota: the workspace is an ext4 filesystem of its own (deployment/quota.py)
             self._set_up_quota()
+            self._collect_orphans()
             if not new_volume:
                 pass  # upgrade(): the workspace exists already
             elif self.quota is not None:
-                self._collect_orphans()
                 options = self.quota.create(volume)
                 try:
                     self.api.create_volume(volume, driver="local", driver_opts=options, labels={**spec.labels, **self.quota.labels(volume)})
@@ -274,18 +277,26 @@ class DockerDeployment(Deployment):
                     AGENT_DIR: "rw,nosuid,nodev,noexec,size=1m,mode=0700",
                 },
             )
-            self.api.create_container(
-                spec.image,
-                command=list(spec.command),
-                name=spec.name,
-                user="0:0",
-                working_dir=spec.workdir,
-                environment=spec.env,
-                labels={**spec.labels, VOLUME_LABEL: volume},
-                hostname="sandbox",
-                network_disabled=True,
-                host_config=host_config,
-            )
+            try:
+                self.api.create_container(
+                    spec.image,
+                    command=list(spec.command),
+                    name=spec.name,
+                    user="0:0",
+                    working_dir=spec.workdir,
+                    environment=spec.env,
+                    labels={**spec.labels, VOLUME_LABEL: volume},
+                    hostname="sandbox",
+                    network_disabled=True,
+                    host_config=host_config,
+                )
+            except BaseException:
+                if new_volume:  # a refused create leaves no workspace behind
+                    try:
+                        self._drop_volume(volume, spec.image)
+                    except Exception as exc:  # noqa: BLE001 - the create's own error is the one to raise
+                        log.warning("could not remove the workspace volume %s of a refused create: %s", volume, exc)
+                raise
 
         try:
             await self._call(create)
@@ -436,15 +447,31 @@ class DockerDeployment(Deployment):
                 raise BackendUnavailable(f"cannot start {name}: {exc}") from exc
 
     def _collect_orphans(self) -> None:
-        """Release filesystems whose volume is gone (at most every 10 minutes)."""
-        if self.quota is None or time.monotonic() - self._collected_at < 600:
+        """Housekeeping, at most every 10 minutes: remove workspace volumes no container
+        uses (left by a server killed between making a volume and its container), then
+        release quota filesystems whose volume is gone."""
+        if time.monotonic() - self._collected_at < _STRAY_AFTER:
             return
         self._collected_at = time.monotonic()
         try:
-            existing = {v["Name"] for v in self.api.volumes().get("Volumes") or []}
-            self.quota.collect(existing)
+            volumes = self.api.volumes(filters={"label": f"{MANAGED_LABEL}=1"}).get("Volumes") or []
+            used = {m.get("Name") for c in self.api.containers(all=True) for m in c.get("Mounts") or []}
+            # A volume is a stray once no container used it in passes 10 minutes apart: a
+            # volume is made just before its container, and a layout upgrade re-creates a
+            # container on its volume.
+            now = time.monotonic()
+            self._unused_since = {v["Name"]: self._unused_since.get(v["Name"], now) for v in volumes if v["Name"] not in used}
+            for volume, since in sorted(self._unused_since.items()):
+                if now - since >= _STRAY_AFTER:
+                    log.info("removing workspace volume %s: no container has used it for 10 minutes", volume)
+                    try:
+                        self._drop_volume(volume, image=None)
+                    except docker.errors.APIError as exc:  # in use again (the engine refuses): kept
+                        log.info("kept workspace volume %s: %s", volume, exc)
+            if self.quota is not None:
+                self.quota.collect({v["Name"] for v in self.api.volumes().get("Volumes") or []})
         except Exception as exc:  # noqa: BLE001 - housekeeping must not fail a create
-            log.warning("could not release orphaned workspace filesystems: %s", exc)
+            log.warning("could not collect orphaned workspaces: %s", exc)
 
     async def stop(self, name: str) -> None:
         try:
@@ -504,26 +531,25 @@ class DockerDeployment(Deployment):
         except SandboxGone:
             return
         if volume:
-            # --- quota: a quota-backed volume's filesystem goes with it (deployment/quota.py)
-            try:
-                info = await self._call(self.api.inspect_volume, volume)
-            except SandboxGone:
-                info = {}
-            try:
-                await self._call(self.api.remove_volume, volume, force=True)
-            except SandboxGone:
-                pass
-            host_file = (info.get("Labels") or {}).get(q.FILE_LABEL)
-            if host_file:
+            await self._call(self._drop_volume, volume, container["Image"])
 
-                def release() -> None:
-                    try:
-                        quota, quota_volume = self._quota_for(host_file, container["Image"])
-                        quota.release(quota_volume)
-                    except (q.QuotaError, docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-                        log.warning("could not release the filesystem %s of volume %s: %s", host_file, volume, exc)
-
-                await anyio.to_thread.run_sync(release)
+    def _drop_volume(self, volume: str, image: str | None) -> None:
+        """Remove a workspace volume (the engine refuses while a container uses it), and
+        its quota filesystem if it has one (deployment/quota.py). Without an image for
+        helper containers, only a filesystem of this server's quota directory is released;
+        another directory's server releases its own once the volume is gone."""
+        try:
+            host_file = (self.api.inspect_volume(volume).get("Labels") or {}).get(q.FILE_LABEL)
+            self.api.remove_volume(volume)
+        except docker.errors.NotFound:
+            return
+        if not host_file or (image is None and (self.quota is None or self.quota.volume_of(host_file) is None)):
+            return
+        try:
+            quota, quota_volume = self._quota_for(host_file, image or "")
+            quota.release(quota_volume)
+        except (q.QuotaError, docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not release the filesystem %s of volume %s: %s", host_file, volume, exc)
 
     async def inspect(self, name: str, *, count_in_use: bool = True) -> SandboxRecord:
         info = await self._call(self.api.inspect_container, name)
