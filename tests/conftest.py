@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,8 +108,12 @@ class Session:
         return await self.call("text_editor_code_execution", arguments)
 
 
-# Files the servers keep (outputs) go to a directory of the test run's own.
+# Files the servers keep (outputs) go to a directory of the test run's own, removed at the end.
 DATA_DIR = tempfile.mkdtemp(prefix="mcp-codeexec-test-data-")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
 def server_params(*args: str) -> StdioServerParameters:

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import anyio
 import docker
 import pytest
-from conftest import TENANT, Session, connect, server_pids
+from conftest import IMAGE, TENANT, Session, connect, server_pids
+
+from mcp_codeexec.deployment import restore_copies
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -89,10 +93,27 @@ async def listing(s: Session) -> dict[str, dict]:
     return {c["id"]: c for c in json.loads(text)["containers"]}
 
 
+async def no_restore_copy_left(stamp: str) -> None:
+    """containerd's unpacked copy of the restored image is removed after the wake (the
+    engine leaves one per restore: deployment/restore_copies.py). As root on the engine's
+    host, the server clears them in containerd's own temporary directory."""
+    dirs = restore_copies.staging_dirs()
+    assert dirs, "no containerd process found: is the engine local?"
+
+    def copies() -> list[Path]:
+        return [p for d in dirs for p in Path(d).glob("ctrd-checkpoint*/checkpoint.img")
+                if restore_copies.image_stamp(str(p)) == stamp]
+
+    with anyio.fail_after(20):
+        while copies():
+            await anyio.sleep(0.25)
+
+
 async def test_idle_checkpoint_keeps_memory_and_processes(engine):
     async with connect(*ARGS, *IDLE) as s:
         cid, pid = await set_state(s)
-        await wait_checkpointed(engine, name_of(cid))
+        stamp = restore_copies.image_stamp(str(await wait_checkpointed(engine, name_of(cid))))
+        assert stamp
         mine = (await listing(s))[cid]
         assert mine["state"] == "checkpointed", mine
         assert mine["checkpoint_bytes"] > 150 << 20, mine  # the random 200 MB are in it (compressed where it can)
@@ -100,6 +121,7 @@ async def test_idle_checkpoint_keeps_memory_and_processes(engine):
         await assert_state_kept(s, cid, pid)
         assert time.monotonic() - started < 30
         assert (await listing(s))[cid]["checkpoint_bytes"] == 0  # restored: the image is gone
+        await no_restore_copy_left(stamp)
         # It sleeps again when idle again, and wakes again (a second round trip).
         await wait_checkpointed(engine, name_of(cid))
         await assert_state_kept(s, cid, pid)
@@ -192,3 +214,22 @@ def restart_dockerd() -> None:
         except Exception:  # noqa: BLE001 - not answering yet
             time.sleep(0.5)
     raise AssertionError("dockerd did not come back within 60 s")
+
+
+def test_restore_copies_are_cleared_through_the_engine_too(engine, monkeypatch: pytest.MonkeyPatch):
+    """A server that cannot reach containerd's directory itself (not root, or in a
+    container) clears stale restore copies in the host's /tmp through a helper container;
+    a fresh one, another restore's in progress, stays. Component level: the real engine."""
+    old = Path(tempfile.mkdtemp(prefix="ctrd-checkpoint", dir="/tmp"))
+    fresh = Path(tempfile.mkdtemp(prefix="ctrd-checkpoint", dir="/tmp"))
+    try:
+        for d in (old, fresh):
+            (d / "checkpoint.img").write_bytes(os.urandom(1000))
+        os.utime(old, (time.time() - 11 * 60,) * 2)
+        monkeypatch.setattr(restore_copies, "staging_dirs", lambda: [])
+        removed = restore_copies.sweep(lambda: engine, IMAGE)
+        assert f"/host-tmp/{old.name}" in removed and not old.exists()
+        assert (fresh / "checkpoint.img").exists()
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(fresh, ignore_errors=True)

@@ -46,11 +46,15 @@ async def test_container_meta(sandbox):
 
 
 async def test_missing_image_answers_unavailable(engine):
+    """...and each refused create leaves no workspace volume behind (it is made first)."""
+    before = {v["Name"] for v in engine.volumes()["Volumes"] or []}
     async with connect("--image", "mcp-codeexec-no-such-image:0") as s:
         r = await s.bash("true")
         assert r == {"type": "bash_code_execution_tool_result_error", "error_code": "unavailable"}
         r = await s.edit(command="view", path=".")
         assert r["error_code"] == "unavailable" and "mcp-codeexec-no-such-image:0" in r["error_message"]
+    made = {v["Name"] for v in engine.volumes()["Volumes"] or []} - before
+    assert not {v for v in made if v.startswith("mcp-codeexec-ws.")}, made
 
 
 def test_runc_needs_explicit_opt_in():

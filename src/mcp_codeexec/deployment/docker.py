@@ -30,6 +30,7 @@ import docker.types
 import requests.exceptions
 
 from mcp_codeexec.deployment import quota as q
+from mcp_codeexec.deployment import restore_copies
 from mcp_codeexec.deployment.base import (
     AGENT_CAPABILITIES,
     AGENT_DIR,
@@ -356,11 +357,22 @@ class DockerDeployment(Deployment):
 
     # --- checkpoint helpers (in a worker thread)
     def _start_from(self, name: str, checkpoint: str) -> None:
+        container = self.api.inspect_container(name)
         if checkpoint not in self._written:
-            self._wait_written(self.api.inspect_container(name)["Id"], checkpoint)
+            self._wait_written(container["Id"], checkpoint)
         self._written.discard(checkpoint)
-        response = self.api._post(self.api._url("/containers/{0}/start", name), params={"checkpoint": checkpoint})
-        self.api._raise_for_status(response)
+        stamp = restore_copies.image_stamp(self._checkpoint_image(container["Id"], checkpoint))
+        try:
+            response = self.api._post(self.api._url("/containers/{0}/start", name), params={"checkpoint": checkpoint})
+            self.api._raise_for_status(response)
+        finally:
+            # containerd leaves an unpacked copy of the image behind (restore_copies.py):
+            # cleared off the wake's path.
+            threading.Thread(target=restore_copies.sweep, args=(lambda: self.api, container["Image"], stamp),
+                             name="restore-copies", daemon=True).start()
+
+    def _checkpoint_image(self, container_id: str, checkpoint: str) -> str:
+        return os.path.join(self._root_dir, "containers", container_id, "checkpoints", checkpoint, "checkpoint.img")
 
     def _checkpoints(self, container_id: str) -> builtins.list[str]:
         """This container's checkpoints (ours by name): from the engine's directory when this
@@ -384,7 +396,7 @@ class DockerDeployment(Deployment):
         ("archive/tar: write too long", or containerd's "already exists"). Its maker may also
         have been killed meanwhile (a client gives a server seconds to exit). Done: the file
         unchanged for 2 s. Unreadable here: no wait (a failed restore is a cold start)."""
-        image = os.path.join(self._root_dir, "containers", container_id, "checkpoints", checkpoint, "checkpoint.img")
+        image = self._checkpoint_image(container_id, checkpoint)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:

@@ -75,6 +75,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -261,44 +262,48 @@ class EngineRunner(Runner):
     def run(self, step: str, *files: str) -> str:
         host_dir = self.paths.to_host(self.directory)
         args = [self.paths.to_host(f) if f.startswith("/") else f for f in files]
-        api = self.api
+        return run_helper(
+            self.api, self.image, _STEPS[step], args, step,
+            cap_add=["SYS_ADMIN", "DAC_OVERRIDE"],  # LOOP_CONFIGURE; open the user's file
+            device_cgroup_rules=["b 7:* rwm", "c 10:237 rwm"],  # loop devices, loop-control
+            # The host's /dev: loop devices made after the container started appear.
+            binds={"/dev": {"bind": "/dev", "mode": "ro"}, host_dir: {"bind": host_dir, "mode": "rw"}},
+        )
+
+
+def run_helper(api: docker.APIClient, image: str, script: str, args: list[str], what: str, **host_config: Any) -> str:
+    """`sh -eu -c SCRIPT sh ARGS...` as root in a short-lived helper container of `image`:
+    runc (what it works on is the host kernel's), no network, a read-only root, no new
+    privileges, no capabilities but those in `host_config` (with its mounts). Its stdout;
+    QuotaError when it fails."""
+    try:
+        cid = api.create_container(
+            image,
+            entrypoint=["sh", "-eu", "-c", script, "sh"],
+            command=args,
+            user="0:0",
+            network_disabled=True,
+            labels={HELPER_LABEL: "1"},
+            host_config=api.create_host_config(runtime="runc", network_mode="none", cap_drop=["ALL"],
+                                               security_opt=["no-new-privileges"], read_only=True, **host_config),
+        )["Id"]
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise QuotaError(f"{what} through the engine: cannot create a helper container of {image}: {exc}") from exc
+    try:
+        api.start(cid)
+        code = api.wait(cid, timeout=_TIMEOUT)["StatusCode"]
+        out = api.logs(cid, stdout=True, stderr=False).decode(errors="replace")
+        err = api.logs(cid, stdout=False, stderr=True).decode(errors="replace")
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise QuotaError(f"{what} through the engine failed: {exc}") from exc
+    finally:
         try:
-            cid = api.create_container(
-                self.image,
-                entrypoint=["sh", "-eu", "-c", _STEPS[step], "sh"],
-                command=args,
-                user="0:0",
-                network_disabled=True,
-                labels={HELPER_LABEL: "1"},
-                host_config=api.create_host_config(
-                    runtime="runc",  # loop devices are the host kernel's: gVisor has none
-                    network_mode="none",
-                    cap_drop=["ALL"],
-                    cap_add=["SYS_ADMIN", "DAC_OVERRIDE"],  # LOOP_CONFIGURE; open the user's file
-                    security_opt=["no-new-privileges"],
-                    read_only=True,
-                    device_cgroup_rules=["b 7:* rwm", "c 10:237 rwm"],  # loop devices, loop-control
-                    # The host's /dev: loop devices made after the container started appear.
-                    binds={"/dev": {"bind": "/dev", "mode": "ro"}, host_dir: {"bind": host_dir, "mode": "rw"}},
-                ),
-            )["Id"]
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise QuotaError(f"{step} through the engine: cannot create a helper container of {self.image}: {exc}") from exc
-        try:
-            api.start(cid)
-            code = api.wait(cid, timeout=_TIMEOUT)["StatusCode"]
-            out = api.logs(cid, stdout=True, stderr=False).decode(errors="replace")
-            err = api.logs(cid, stdout=False, stderr=True).decode(errors="replace")
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise QuotaError(f"{step} through the engine failed: {exc}") from exc
-        finally:
-            try:
-                api.remove_container(cid, force=True)
-            except (docker.errors.DockerException, requests.exceptions.RequestException):
-                pass
-        if code != 0:
-            raise QuotaError(f"{step} through the engine failed ({code}): {(err or out).strip()[-500:]}")
-        return out
+            api.remove_container(cid, force=True)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            pass
+    if code != 0:
+        raise QuotaError(f"{what} through the engine failed ({code}): {(err or out).strip()[-500:]}")
+    return out
 
 
 @functools.cache
