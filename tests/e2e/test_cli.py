@@ -88,12 +88,11 @@ async def test_stdio_prepares_the_container_at_launch_unless_no_prepare(engine):
         assert running_of(engine, tenant) == [f"/mcp-codeexec.{tenant}.{s.last_meta['container']['id']}"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug (deployment/docker.py): a working directory the image does not have is created by the engine "
-    "owned by root, and the engine's first mount copies that owner onto the empty workspace volume (quota or not): "
-    "the sandbox user cannot write to it. Strict: this fails the run once it is fixed, so the mark goes."))
-async def test_workdir(engine):
-    async with connect("--workdir", "/work", *SMALL) as s:
+@pytest.mark.parametrize("disk", [(), ("--disk", "0")], ids=["quota", "plain-volume"])
+async def test_workdir(engine, disk):
+    """A working directory the image does not have: the workspace there is the sandbox
+    user's, on a quota filesystem and on a plain volume."""
+    async with connect("--workdir", "/work", *SMALL, *disk) as s:
         r = await s.bash("pwd; echo hi > made.txt")
         assert (r["stdout"], r["stderr"], r["return_code"]) == ("/work\n", "", 0), r
         files = json.loads((await s.client.read_resource("codeexec://files")).contents[0].text)["files"]

@@ -35,6 +35,7 @@ from mcp_codeexec.deployment.base import (
     AGENT_CAPABILITIES,
     AGENT_DIR,
     MANAGED_LABEL,
+    SANDBOX_USER,
     VOLUME_LABEL,
     AgentStream,
     BackendInfo,
@@ -250,6 +251,11 @@ class DockerDeployment(Deployment):
                     raise
             else:
                 self.api.create_volume(volume, labels=spec.labels)
+                try:
+                    self._give_to_sandbox_user(volume, spec)
+                except BaseException:
+                    self._drop_volume(volume, spec.image)
+                    raise
             # --- cpuset: ceil(cpus) cores, so the sandbox sees its CPU count (quota.py)
             cpuset = q.pick_cpuset(spec.cpus)
             host_config = self.api.create_host_config(
@@ -271,7 +277,9 @@ class DockerDeployment(Deployment):
                 # --- quota.py: processes hit RLIMIT_NPROC (EAGAIN) before the host's pids limit
                 ulimits=[docker.types.Ulimit(name="nproc", soft=q.nproc_limit(spec.pids_limit, spec.runtime),
                                              hard=q.nproc_limit(spec.pids_limit, spec.runtime))],
-                binds={volume: {"bind": spec.workdir, "mode": "rw"}},
+                # nocopy: the engine copies nothing (contents, owner) from the image's
+                # mount point onto a new volume: its root is the sandbox user's already.
+                binds={volume: {"bind": spec.workdir, "mode": "rw,nocopy"}},
                 tmpfs={
                     "/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777",
                     "/home/sandbox": f"rw,nosuid,nodev,size={spec.tmp_bytes},uid=1000,gid=1000,mode=0755",
@@ -303,6 +311,12 @@ class DockerDeployment(Deployment):
             await self._call(create)
         except SandboxGone as exc:  # the image is missing
             raise BackendUnavailable(f"cannot create sandbox: {exc}") from exc
+
+    def _give_to_sandbox_user(self, volume: str, spec: SandboxSpec) -> None:
+        """A plain volume's root is root's: a helper container hands it to the sandbox user
+        (a quota filesystem is made that way, quota.py)."""
+        q.run_helper(self.api, spec.image, f"chown {SANDBOX_USER} /w", [], "giving the workspace to the sandbox user",
+                     cap_add=["CHOWN"], binds={volume: {"bind": "/w", "mode": "rw,nocopy"}})
 
     async def start(self, spec: SandboxSpec) -> Started:
         container = await self._call(self.api.inspect_container, spec.name)
