@@ -21,12 +21,13 @@ sandbox's life depends on, and nothing else:
 
 Mapping (pod spec → docker run): runtimeClassName → --runtime=<handler>;
 shareProcessNamespace → --init (a reaping PID 1, as the pause container is);
-runAsUser/runAsGroup → --user; runAsNonRoot with uid 0 → refused (as a kubelet does);
+runAsUser/runAsGroup → --user; fsGroup → --group-add, and the claim's volume given that
+group as the kubelet does (policy OnRootMismatch); runAsNonRoot with uid 0 → refused (as a kubelet does);
 readOnlyRootFilesystem → --read-only; capabilities → --cap-drop/--cap-add;
 allowPrivilegeEscalation false → no-new-privileges; limits.memory/cpu → --memory/--cpus;
 the kubelet's podPidsLimit → --pids-limit (a flag here); emptyDir → a tmpfs of its
-sizeLimit (disk or memory alike); a claim → its Docker volume (its size is NOT enforced
-here); no network at all (--network none; NetworkPolicies are stored but nothing here
+sizeLimit (disk or memory alike); a claim → its Docker volume, empty and root's as a new
+persistent volume is (no copy from the image; its size is NOT enforced here); no network at all (--network none; NetworkPolicies are stored but nothing here
 enforces them — runsc's --network=none does the isolating). One container per pod;
 restartPolicy is treated as Never. Image pull policy is ignored: images must be local.
 
@@ -277,6 +278,9 @@ class Node:
             raise Refused("CreateContainerConfigError", "container has runAsNonRoot and its user is root (or unset)")
         if uid is not None:
             args += ["--user", f"{uid}:{gid if gid is not None else uid}"]
+        fs_group = psc.get("fsGroup")
+        if fs_group is not None:
+            args += ["--group-add", str(fs_group)]
         if csc.get("readOnlyRootFilesystem"):
             args.append("--read-only")
         if csc.get("allowPrivilegeEscalation") is False:
@@ -300,7 +304,7 @@ class Node:
             args += ["--workdir", c["workingDir"]]
         volumes = {v["name"]: v for v in spec.get("volumes") or []}
         for mount in c.get("volumeMounts") or []:
-            args += await self.mount(meta["namespace"], volumes.get(mount["name"]), mount)
+            args += await self.mount(meta["namespace"], volumes.get(mount["name"]), mount, c["image"], fs_group)
         command, rest = c.get("command") or [], c.get("args") or []
         if command:
             args += ["--entrypoint", command[0], c["image"], *command[1:], *rest]
@@ -308,7 +312,8 @@ class Node:
             args += [c["image"], *rest]
         return args
 
-    async def mount(self, namespace: str, volume: dict[str, Any] | None, mount: dict[str, Any]) -> list[str]:
+    async def mount(self, namespace: str, volume: dict[str, Any] | None, mount: dict[str, Any], image: str,
+                    fs_group: int | None) -> list[str]:
         path, ro = mount["mountPath"], mount.get("readOnly", False)
         if volume is None:
             raise Refused("CreateContainerConfigError", f"volume {mount['name']!r} not found")
@@ -324,8 +329,24 @@ class Node:
                 raise Refused("CreateContainerConfigError", f"persistentvolumeclaim {claim!r}: {exc}") from exc
             if pvc["metadata"].get("deletionTimestamp"):
                 raise Refused("CreateContainerConfigError", f"persistentvolumeclaim {claim!r} is being deleted")
-            return ["--mount", f"type=volume,source={self.volume_name(pvc)},target={path}{',readonly' if ro else ''}"]
+            source = self.volume_name(pvc)
+            if fs_group is not None and not ro:
+                await self.own(source, int(fs_group), image)
+            # A persistent volume starts empty and root's: nothing is copied from the image.
+            return ["--mount", f"type=volume,source={source},target={path},volume-nocopy{',readonly' if ro else ''}"]
         raise Refused("CreateContainerConfigError", f"volume {mount['name']!r}: only emptyDir and persistentVolumeClaim here")
+
+    async def own(self, volume: str, fs_group: int, image: str) -> None:
+        """The kubelet's volume ownership for fsGroup (policy OnRootMismatch): unless the
+        root has that group already, every file gets the group and g+rw, directories
+        g+rwx and setgid. In a short-lived runc container of the pod's image."""
+        script = ('[ "$(stat -c %g /v)" = "$1" ] && exit 0; chgrp -R "$1" /v && '
+                  "find /v -type d -exec chmod g+rwxs {} + && find /v ! -type d -exec chmod g+rw {} +")
+        code, out = await docker("run", "--rm", "--network", "none", "--user", "0:0",
+                                 "--mount", f"type=volume,source={volume},target=/v,volume-nocopy",
+                                 "--entrypoint", "sh", image, "-c", script, "sh", str(fs_group))
+        if code != 0:
+            raise Refused("CreateContainerConfigError", f"setting the ownership of volume {volume} for fsGroup: {out}")
 
     def volume_name(self, pvc: dict[str, Any]) -> str:
         return f"k8s-{self.name}-pvc-{pvc['metadata']['uid']}"

@@ -17,7 +17,9 @@ __all__ = ["BackendUnavailable", "CheckpointFailed", "NameTaken", "SandboxGone"]
 # none (agent/process.py). The agent's socket lives in a root-only tmpfs at AGENT_DIR.
 AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 AGENT_DIR = "/run/mcp-codeexec"
-SANDBOX_USER = "1000:1000"
+# The sandbox user: runs the user's commands and owns the workspace's root directory.
+SANDBOX_UID = SANDBOX_GID = 1000
+SANDBOX_USER = f"{SANDBOX_UID}:{SANDBOX_GID}"
 # On a sandbox, the name of its workspace storage (the list of containers shows its size).
 VOLUME_LABEL = "org.mcp-codeexec.volume"
 # On every sandbox and workspace this server makes (what its housekeeping may collect).

@@ -43,6 +43,7 @@ import anyio
 from mcp_codeexec.deployment.base import (
     AGENT_CAPABILITIES,
     AGENT_DIR,
+    SANDBOX_GID,
     AgentStream,
     BackendInfo,
     BackendUnavailable,
@@ -542,7 +543,10 @@ class KubernetesDeployment(Deployment):
                 "terminationGracePeriodSeconds": 1,
                 **({"nodeSelector": dict(o.node_selector)} if o.node_selector else {}),
                 **({"tolerations": [dict(t) for t in o.tolerations]} if o.tolerations else {}),
-                "securityContext": {"runAsUser": 0, "runAsGroup": 0, "seccompProfile": {"type": "RuntimeDefault"}},
+                # fsGroup: a new persistent volume's root is root's; the kubelet gives the
+                # workspace to the sandbox user's group (group-writable, setgid directories).
+                "securityContext": {"runAsUser": 0, "runAsGroup": 0, "seccompProfile": {"type": "RuntimeDefault"},
+                                    "fsGroup": SANDBOX_GID, "fsGroupChangePolicy": "OnRootMismatch"},
                 "containers": [{
                     "name": CONTAINER,
                     "image": spec.image,

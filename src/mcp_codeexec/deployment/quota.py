@@ -81,6 +81,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from mcp_codeexec.deployment.base import SANDBOX_GID, SANDBOX_UID
 from mcp_codeexec.errors import QuotaError
 from mcp_codeexec.files import default_data_dir
 
@@ -89,9 +90,6 @@ __all__ = ["QuotaError"]  # raised here; defined with the others in errors.py
 log = logging.getLogger(__name__)
 
 ROOT_DIR = "/var/lib/mcp-codeexec/workspaces"  # the default quota directory for root
-# The sandbox user: owns the workspace's root directory, whatever user the container
-# itself starts as.
-SANDBOX_UID = SANDBOX_GID = 1000
 # Labels on a quota-backed volume, and on the helper containers.
 FILE_LABEL = "org.mcp-codeexec.quota.file"
 SIZE_LABEL = "org.mcp-codeexec.quota.bytes"
