@@ -47,7 +47,8 @@ async def test_read_only_root_and_no_host_files(sandbox, engine):
     info = container_of(engine, sandbox)
     # Nothing of the host is mounted: only the workspace volume (tmpfs mounts are not binds).
     assert [m["Type"] for m in info["Mounts"]] == ["volume"]
-    assert info["HostConfig"]["Binds"] == [f"mcp-codeexec-ws.{sandbox.last_meta['container']['id']}:/workspace:rw"]
+    # nocopy: nothing of the image is copied onto the volume (its root is the sandbox user's).
+    assert info["HostConfig"]["Binds"] == [f"mcp-codeexec-ws.{sandbox.last_meta['container']['id']}:/workspace:rw,nocopy"]
 
 
 async def test_runs_under_gvisor_kernel(sandbox):

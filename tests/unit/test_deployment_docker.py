@@ -35,7 +35,7 @@ async def test_create_builds_a_locked_down_container(monkeypatch: pytest.MonkeyP
     made: dict[str, Any] = {}
     monkeypatch.setattr(backend.api, "create_volume", lambda name, **kw: made.setdefault("volume", (name, kw)))
     monkeypatch.setattr(backend.api, "create_container", lambda image, **kw: made.setdefault("container", (image, kw)))
-    monkeypatch.setattr(backend, "_give_to_sandbox_user", lambda volume, spec: made.setdefault("handed over", volume))
+    monkeypatch.setattr(d.q, "run_helper", lambda api, image, script, args, what, **kw: made.setdefault("handed over", (script, kw)))
     monkeypatch.setattr(d.q, "host_cpus", lambda: [0, 1, 2, 3])
     s = Settings(memory_bytes=1 << 30, cpus=1.5, pids_limit=512, tmp_bytes=64 << 20, image="img:1")
     info = ContainerInfo.new(timedelta(days=1))
@@ -54,7 +54,8 @@ async def test_create_builds_a_locked_down_container(monkeypatch: pytest.MonkeyP
     assert len(host["CpusetCpus"].split(",")) == 2  # ceil(1.5) cores of the four
     [nproc] = host["Ulimits"]
     assert nproc["Name"] == "nproc" and nproc["Soft"] == nproc["Hard"] == d.q.nproc_limit(512, "runsc")
-    assert made["handed over"] == "ws-vol"  # a plain volume's root becomes the sandbox user's
+    script, helper = made["handed over"]  # a plain volume's root becomes the sandbox user's
+    assert script == "chown 1000:1000 /w" and helper["binds"] == {"ws-vol": {"bind": "/w", "mode": "rw,nocopy"}}
     assert host["Binds"] == ["ws-vol:/workspace:rw,nocopy"]  # nothing copied up from the image
     assert set(host["Tmpfs"]) == {"/tmp", "/home/sandbox", AGENT_DIR} and "size=67108864" in host["Tmpfs"]["/tmp"]
     assert "noexec" in host["Tmpfs"][AGENT_DIR] and "mode=0700" in host["Tmpfs"][AGENT_DIR]

@@ -251,54 +251,8 @@ class DockerDeployment(Deployment):
                     raise
             else:
                 self.api.create_volume(volume, labels=spec.labels)
-                try:
-                    self._give_to_sandbox_user(volume, spec)
-                except BaseException:
-                    self._drop_volume(volume, spec.image)
-                    raise
-            # --- cpuset: ceil(cpus) cores, so the sandbox sees its CPU count (quota.py)
-            cpuset = q.pick_cpuset(spec.cpus)
-            host_config = self.api.create_host_config(
-                runtime=spec.runtime,
-                network_mode="none",
-                cap_drop=["ALL"],
-                cap_add=list(AGENT_CAPABILITIES),  # the agent's; commands run with none
-                security_opt=["no-new-privileges"],
-                read_only=True,
-                init=True,  # tini as PID 1 reaps orphans of killed commands
-                # Only root's processes (init, agent) write here, and rarely: a small,
-                # fixed bound on the host all the same.
-                log_config=docker.types.LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
-                mem_limit=spec.memory_bytes,
-                memswap_limit=spec.memory_bytes,
-                nano_cpus=int(spec.cpus * 1e9),
-                cpuset_cpus=cpuset,
-                pids_limit=spec.pids_limit,
-                # --- quota.py: processes hit RLIMIT_NPROC (EAGAIN) before the host's pids limit
-                ulimits=[docker.types.Ulimit(name="nproc", soft=q.nproc_limit(spec.pids_limit, spec.runtime),
-                                             hard=q.nproc_limit(spec.pids_limit, spec.runtime))],
-                # nocopy: the engine copies nothing (contents, owner) from the image's
-                # mount point onto a new volume: its root is the sandbox user's already.
-                binds={volume: {"bind": spec.workdir, "mode": "rw,nocopy"}},
-                tmpfs={
-                    "/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777",
-                    "/home/sandbox": f"rw,nosuid,nodev,size={spec.tmp_bytes},uid=1000,gid=1000,mode=0755",
-                    AGENT_DIR: "rw,nosuid,nodev,noexec,size=1m,mode=0700",
-                },
-            )
             try:
-                self.api.create_container(
-                    spec.image,
-                    command=list(spec.command),
-                    name=spec.name,
-                    user="0:0",
-                    working_dir=spec.workdir,
-                    environment=spec.env,
-                    labels={**spec.labels, VOLUME_LABEL: volume},
-                    hostname="sandbox",
-                    network_disabled=True,
-                    host_config=host_config,
-                )
+                self._create_container(spec, handover=new_volume and self.quota is None)
             except BaseException:
                 if new_volume:  # a refused create leaves no workspace behind
                     try:
@@ -312,11 +266,56 @@ class DockerDeployment(Deployment):
         except SandboxGone as exc:  # the image is missing
             raise BackendUnavailable(f"cannot create sandbox: {exc}") from exc
 
-    def _give_to_sandbox_user(self, volume: str, spec: SandboxSpec) -> None:
-        """A plain volume's root is root's: a helper container hands it to the sandbox user
-        (a quota filesystem is made that way, quota.py)."""
-        q.run_helper(self.api, spec.image, f"chown {SANDBOX_USER} /w", [], "giving the workspace to the sandbox user",
-                     cap_add=["CHOWN"], binds={volume: {"bind": "/w", "mode": "rw,nocopy"}})
+    def _create_container(self, spec: SandboxSpec, handover: bool) -> None:
+        """The sandbox's container on its workspace volume (made already). `handover`: a
+        plain volume's root is root's; a helper container gives it to the sandbox user
+        first (a quota filesystem is made that way, quota.py)."""
+        volume = spec.volume
+        if handover:
+            q.run_helper(self.api, spec.image, f"chown {SANDBOX_USER} /w", [], "giving the workspace to the sandbox user",
+                         cap_add=["CHOWN"], binds={volume: {"bind": "/w", "mode": "rw,nocopy"}})
+        # --- cpuset: ceil(cpus) cores, so the sandbox sees its CPU count (quota.py)
+        cpuset = q.pick_cpuset(spec.cpus)
+        host_config = self.api.create_host_config(
+            runtime=spec.runtime,
+            network_mode="none",
+            cap_drop=["ALL"],
+            cap_add=list(AGENT_CAPABILITIES),  # the agent's; commands run with none
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            init=True,  # tini as PID 1 reaps orphans of killed commands
+            # Only root's processes (init, agent) write here, and rarely: a small,
+            # fixed bound on the host all the same.
+            log_config=docker.types.LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,
+            nano_cpus=int(spec.cpus * 1e9),
+            cpuset_cpus=cpuset,
+            pids_limit=spec.pids_limit,
+            # --- quota.py: processes hit RLIMIT_NPROC (EAGAIN) before the host's pids limit
+            ulimits=[docker.types.Ulimit(name="nproc", soft=q.nproc_limit(spec.pids_limit, spec.runtime),
+                                         hard=q.nproc_limit(spec.pids_limit, spec.runtime))],
+            # nocopy: the engine copies nothing (contents, owner) from the image's
+            # mount point onto a new volume: its root is the sandbox user's already.
+            binds={volume: {"bind": spec.workdir, "mode": "rw,nocopy"}},
+            tmpfs={
+                "/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777",
+                "/home/sandbox": f"rw,nosuid,nodev,size={spec.tmp_bytes},uid=1000,gid=1000,mode=0755",
+                AGENT_DIR: "rw,nosuid,nodev,noexec,size=1m,mode=0700",
+            },
+        )
+        self.api.create_container(
+            spec.image,
+            command=list(spec.command),
+            name=spec.name,
+            user="0:0",
+            working_dir=spec.workdir,
+            environment=spec.env,
+            labels={**spec.labels, VOLUME_LABEL: volume},
+            hostname="sandbox",
+            network_disabled=True,
+            host_config=host_config,
+        )
 
     async def start(self, spec: SandboxSpec) -> Started:
         container = await self._call(self.api.inspect_container, spec.name)
