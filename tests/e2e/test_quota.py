@@ -25,6 +25,7 @@ site-packages on PYTHONPATH.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import io
 import os
@@ -48,6 +49,7 @@ from mcp.client.stdio import StdioServerParameters
 
 import mcp_codeexec
 from mcp_codeexec.config import Settings
+from mcp_codeexec.deployment import docker as d
 from mcp_codeexec.deployment import quota as q
 from mcp_codeexec.deployment.base import SandboxSpec
 from mcp_codeexec.deployment.docker import DockerDeployment
@@ -353,8 +355,9 @@ async def test_workspaces_no_container_uses_are_collected(engine, tmp_path):
     volume that no container uses (its server was killed between making the volume and its
     container) is removed, with its filesystem and loop device, once housekeeping has seen
     it unused in passes 10 minutes apart (here the first sighting is backdated instead of
-    waited for). A stopped sandbox's volume stays. Component level: the Docker backend as
-    root (direct), on the real engine, with real loop devices."""
+    waited for). A helper container its server never removed goes once it is older than
+    a helper ever lives. A stopped sandbox's volume stays. Component level: the Docker
+    backend as root (direct), on the real engine, with real loop devices."""
     backend = DockerDeployment(wanted=q.Wanted(64 * MiB, str(tmp_path / "ws"), IMAGE))
     await backend.check(IMAGE)
     assert backend.quota is not None and backend.quota.how == "direct"
@@ -379,12 +382,22 @@ async def test_workspaces_no_container_uses_are_collected(engine, tmp_path):
     stray, kept = new_spec(), new_spec()
     await backend.create(stray)
     await backend.create(kept)  # created, never started
+    # A helper container its server never removed (killed while losetup ran), holding the
+    # stray's volume, as the plain volume's handover does.
+    helper = engine.create_container(IMAGE, command=["true"], labels={q.HELPER_LABEL: "1"},
+                                     host_config=engine.create_host_config(binds={stray.volume: {"bind": "/w", "mode": "rw"}}))["Id"]
     try:
         engine.remove_container(stray.name)  # as if its server died before making it
         image_file = backend.quota.image(stray.volume)
         device = os.readlink(backend.quota.link(stray.volume))
         assert devices_of(str(image_file)) == [device]
         await anyio.to_thread.run_sync(housekeeping)
+        assert engine.inspect_container(helper)  # minutes old at most: kept (its server may be running it)
+        assert stray.volume in volumes() and image_file.exists() and stray.volume not in backend._unused_since
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(d, "_HELPER_MAX_AGE", -1.0)  # as if ten minutes had passed
+            await anyio.to_thread.run_sync(housekeeping)
+        assert helper not in {c["Id"] for c in engine.containers(all=True)}
         assert stray.volume in volumes() and image_file.exists()  # first seen unused: kept
         backend._unused_since[stray.volume] -= 600
         await anyio.to_thread.run_sync(housekeeping)
@@ -393,6 +406,8 @@ async def test_workspaces_no_container_uses_are_collected(engine, tmp_path):
         assert kept.volume in volumes() and backend.quota.image(kept.volume).exists()
         assert kept.volume not in backend._unused_since
     finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            engine.remove_container(helper, force=True)
         await backend.remove(stray.name)
         await backend.remove(kept.name)
     assert kept.volume not in volumes() and not backend.quota.image(kept.volume).exists()

@@ -69,6 +69,7 @@ LAYOUT_LABEL = "org.mcp-codeexec.layout"
 # container's last start is stale (the sandbox ran on since) and is never restored.
 _CHECKPOINT_PREFIX = "mcp-codeexec-"
 _STRAY_AFTER = 600.0  # seconds: how often housekeeping runs, and how long a volume may be unused
+_HELPER_MAX_AGE = 600.0  # seconds: a helper container (quota.run_helper) lives seconds
 
 
 def _epoch_ms(stamp: str) -> int:
@@ -472,15 +473,23 @@ class DockerDeployment(Deployment):
                 raise BackendUnavailable(f"cannot start {name}: {exc}") from exc
 
     def _collect_orphans(self) -> None:
-        """Housekeeping, at most every 10 minutes: remove workspace volumes no container
-        uses (left by a server killed between making a volume and its container), then
+        """Housekeeping, at most every 10 minutes: remove helper containers and workspace
+        volumes no container uses (what a server killed at the wrong moment leaves), then
         release quota filesystems whose volume is gone."""
         if time.monotonic() - self._collected_at < _STRAY_AFTER:
             return
         self._collected_at = time.monotonic()
         try:
             volumes = self.api.volumes(filters={"label": f"{MANAGED_LABEL}=1"}).get("Volumes") or []
-            used = {m.get("Name") for c in self.api.containers(all=True) for m in c.get("Mounts") or []}
+            containers = []
+            for c in self.api.containers(all=True):
+                # An older helper container is a killed server's.
+                if (c.get("Labels") or {}).get(q.HELPER_LABEL) and time.time() - c.get("Created", 0) > _HELPER_MAX_AGE:
+                    log.info("removing helper container %s, left by a server that stopped while it ran", c["Id"][:12])
+                    self.api.remove_container(c["Id"], force=True)
+                else:
+                    containers.append(c)
+            used = {m.get("Name") for c in containers for m in c.get("Mounts") or []}
             # A volume is a stray once no container used it in passes 10 minutes apart: a
             # volume is made just before its container, and a layout upgrade re-creates a
             # container on its volume.
