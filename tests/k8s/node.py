@@ -22,13 +22,14 @@ sandbox's life depends on, and nothing else:
 Mapping (pod spec → docker run): runtimeClassName → --runtime=<handler>;
 shareProcessNamespace → --init (a reaping PID 1, as the pause container is);
 runAsUser/runAsGroup → --user; fsGroup → --group-add, and the claim's volume given that
-group as the kubelet does (policy OnRootMismatch); runAsNonRoot with uid 0 → refused (as a kubelet does);
-readOnlyRootFilesystem → --read-only; capabilities → --cap-drop/--cap-add;
+group as the kubelet does (policy OnRootMismatch); runAsNonRoot with uid 0 → refused (as a
+kubelet does); readOnlyRootFilesystem → --read-only; capabilities → --cap-drop/--cap-add;
 allowPrivilegeEscalation false → no-new-privileges; limits.memory/cpu → --memory/--cpus;
 the kubelet's podPidsLimit → --pids-limit (a flag here); emptyDir → a tmpfs of its
 sizeLimit (disk or memory alike); a claim → its Docker volume, empty and root's as a new
-persistent volume is (no copy from the image; its size is NOT enforced here); no network at all (--network none; NetworkPolicies are stored but nothing here
-enforces them — runsc's --network=none does the isolating). One container per pod;
+persistent volume is (no copy from the image; its size is NOT enforced here); no network
+at all (--network none; NetworkPolicies are stored but nothing here enforces them —
+runsc's --network=none does the isolating). One container per pod;
 restartPolicy is treated as Never. Image pull policy is ignored: images must be local.
 
 Run: python tests/k8s/node.py --server URL --token T --ca ca.crt --cert kubelet.crt
