@@ -281,16 +281,15 @@ class LocalDeployment(Deployment):
 
     def _relays(self, name: str) -> int:
         """Relays (of any server process) connected to this sandbox's socket."""
-        marker = repr(self._socket(name)).encode()
-        count = 0
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            count += b"mcp-codeexec relay" in cmdline and marker in cmdline
-        return count
+        return sum(self._is_relay(pid, name) for pid in filter(str.isdigit, os.listdir("/proc")))
+
+    def _is_relay(self, pid: int | str, name: str) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return False
+        return b"mcp-codeexec relay" in cmdline and repr(self._socket(name)).encode() in cmdline
 
     async def connect(self, name: str, argv: builtins.list[str]) -> AgentStream:
         self._read(name)  # SandboxGone if there is no such sandbox
@@ -300,6 +299,12 @@ class LocalDeployment(Deployment):
         except OSError as exc:
             stderr.close()
             raise BackendUnavailable(f"cannot start the local relay: {exc}") from exc
+        # The spawn returns once the relay's exec is under way, but the kernel sets up the
+        # arguments /proc shows a little later: until then in_use would not count it.
+        for _ in range(1000):
+            if process.returncode is not None or self._is_relay(process.pid, name):
+                break
+            await anyio.sleep(0.001)
         return LocalAgentStream(process, stderr)
 
 
