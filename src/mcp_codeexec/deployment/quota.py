@@ -180,15 +180,21 @@ class LocalRunner(Runner):
         self.how = how
 
     def run(self, step: str, *files: str) -> str:
-        path = os.pathsep.join([os.environ.get("PATH", "/usr/bin:/bin"), *_SBIN])
-        try:
-            res = subprocess.run(["sh", "-eu", "-c", _STEPS[step], "sh", *files], capture_output=True, text=True,
-                                 timeout=_TIMEOUT, env={**os.environ, "PATH": path, "LC_ALL": "C"})
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise QuotaError(f"{step} failed: {exc}") from exc
-        if res.returncode != 0:
-            raise QuotaError(f"{step} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-500:]}")
-        return res.stdout
+        return run_here(_STEPS[step], list(files), step)
+
+
+def run_here(script: str, args: list[str], what: str) -> str:
+    """`sh -eu -c SCRIPT sh ARGS...` in this process (run_helper's local twin). Its
+    stdout; QuotaError when it fails."""
+    path = os.pathsep.join([os.environ.get("PATH", "/usr/bin:/bin"), *_SBIN])
+    try:
+        res = subprocess.run(["sh", "-eu", "-c", script, "sh", *args], capture_output=True, text=True,
+                             timeout=_TIMEOUT, env={**os.environ, "PATH": path, "LC_ALL": "C"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise QuotaError(f"{what} failed: {exc}") from exc
+    if res.returncode != 0:
+        raise QuotaError(f"{what} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-500:]}")
+    return res.stdout
 
 
 @dataclass(frozen=True)

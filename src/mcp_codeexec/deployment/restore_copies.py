@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from collections.abc import Callable
 
 import docker
@@ -77,11 +76,7 @@ def staging_dirs() -> list[str]:
 def clear_in(directory: str, restored: str = "") -> list[str]:
     """Remove the restore copies in `directory` (this process's view): the one of the
     image stamped `restored`, and stale ones. What was removed."""
-    res = subprocess.run(["sh", "-eu", "-c", _SWEEP, "sh", directory, restored], capture_output=True, text=True,
-                         timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
-    if res.returncode != 0:
-        raise OSError(f"clearing {directory} failed ({res.returncode}): {res.stderr.strip()[-300:]}")
-    return res.stdout.splitlines()
+    return q.run_here(_SWEEP, [directory, restored], f"clearing {directory}").splitlines()
 
 
 def sweep(api: Callable[[], docker.APIClient], image: str, restored: str = "") -> list[str]:
@@ -96,7 +91,7 @@ def sweep(api: Callable[[], docker.APIClient], image: str, restored: str = "") -
             out = q.run_helper(api(), image, _SWEEP, ["/host-tmp", ""], "clearing restore copies",
                                binds={"/tmp": {"bind": "/host-tmp", "mode": "rw"}})
             removed += out.splitlines()
-    except (OSError, subprocess.SubprocessError, q.QuotaError) as exc:
+    except (OSError, q.QuotaError) as exc:
         log.warning("could not remove containerd's copies of restored checkpoints: %s", exc)
     if removed:
         log.info("removed %d copies of restored checkpoints that containerd left behind", len(removed))
