@@ -252,6 +252,19 @@ static void run_child(const char *command, int fds[3])
   _exit(126);  /* not reached */
 }
 
+/* The command's directory cannot be entered (the user made it unusable, say with chmod 000):
+ * the command runs in / instead, and its stderr says so first (the agent's Python paths say
+ * the same, agent/process.py: NO_CWD). Failing instead would leave the user no command to
+ * undo it with. */
+static void enter_root(const char *dir, int error, int err_fd)
+{
+  if (chdir("/") != 0)
+    _exit(126);
+  set_working_directory("/");  /* what `pwd` and $PWD say, as a bash started in / would */
+  bind_variable("PWD", "/", 0);
+  dprintf(err_fd, "mcp-codeexec: cannot enter %s: %s; this command runs in /\n", dir, strerror(error));
+}
+
 /* B, forked ahead: waits for its one command on `sock`. */
 static void wait_for_command(int sock) __attribute__((noreturn));
 static void wait_for_command(int sock)
@@ -270,10 +283,8 @@ static void wait_for_command(int sock)
   if (n <= 0 || nfds != 3 || (command = split_command(buf, (size_t)n)) == NULL)
     _exit(n == 0 ? 0 : 126);  /* given up (the socket closed), or nothing it could run */
   close(sock);
-  if (*buf && chdir(buf) != 0) {  /* what the agent says when the spawner cannot start bash */
-    dprintf(fds[2], "mcp-codeexec: cannot start bash: %s (the sandbox's process or memory limit is reached)\n", strerror(errno));
-    _exit(126);
-  }
+  if (*buf && chdir(buf) != 0)
+    enter_root(buf, errno, fds[2]);
   run_child(command, fds);
 }
 
@@ -319,7 +330,7 @@ static void run(int32_t number, char *payload, size_t size, int fds[3], int nfds
 {
   char *command = split_command(payload, size);
   pid_t pid;
-  int slot;
+  int slot, unusable = 0;
 
   if (nfds != 3 || command == NULL) {
     answer(FAILED, number, EINVAL);
@@ -330,16 +341,22 @@ static void run(int32_t number, char *payload, size_t size, int fds[3], int nfds
     return;
   }
   if (*payload && chdir(payload) != 0) {
-    answer(FAILED, number, errno);
-    return;
+    unusable = errno;
+    if (chdir("/") != 0) {
+      answer(FAILED, number, errno);
+      return;
+    }
   }
   pid = fork();
   if (pid < 0) {
     answer(FAILED, number, errno);
     return;
   }
-  if (pid == 0)
+  if (pid == 0) {
+    if (unusable)
+      enter_root(payload, unusable, fds[2]);
     run_child(command, fds);
+  }
   running[slot].pid = pid;
   running[slot].number = number;
   answer(SPAWNED, number, pid);

@@ -115,3 +115,25 @@ for pid in pids[:1]:
         await anyio.sleep(1.0)
         r = await s.bash(f"python3 - <<'EOF'\n{probe}\nEOF")
         assert r["stdout"] == "True -1 False\n", r
+
+
+async def test_a_workspace_the_user_made_unusable_runs_commands_in_root_and_can_be_undone(engine):
+    """chmod 000 on the workspace used to end every later command with "cannot start bash"
+    (and blame the process limit), with no command left to undo it. Now each starter (the
+    shell forked ahead, the zygote, the Python spawner with --no-zygote) runs the command in /
+    with one line of stderr saying why, and `chmod` from there gives the workspace back."""
+    notice = "mcp-codeexec: cannot enter /workspace: Permission denied; this command runs in /\n"
+    async with connect("--memory", "1g") as fast, connect("--memory", "1g", "--no-zygote") as slow:
+        for s in (fast, slow):
+            await s.bash("true")
+        await anyio.sleep(1.0)  # the zygote is up and has a shell ready
+        for s in (fast, slow):
+            r = await s.bash("chmod 000 /workspace && echo locked")
+            assert (r["stdout"], r["return_code"]) == ("locked\n", 0), r
+            for _ in range(3):  # the shell forked ahead, then the next ones
+                r = await s.bash('pwd; echo "$PWD" "$0"')
+                assert (r["stdout"], r["stderr"], r["return_code"]) == ("/\n/ bash\n", notice, 0), r
+            r = await s.bash("chmod 755 /workspace && echo unlocked")
+            assert (r["stdout"], r["stderr"]) == ("unlocked\n", notice), r
+            r = await s.bash("pwd")
+            assert (r["stdout"], r["stderr"]) == ("/workspace\n", ""), r

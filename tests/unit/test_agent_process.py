@@ -197,3 +197,32 @@ def _soon(check: Callable[[], bool]) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+@pytest.mark.anyio
+async def test_a_directory_that_cannot_be_entered_runs_the_command_in_root_and_says_so(tmp_path) -> None:
+    """The direct path (no spawner, no zygote: the agent as a plain user, or before they
+    start): a command whose directory is gone runs in / with NO_CWD first on its stderr; the
+    zygote's and the spawner's paths say the same (tests/e2e/test_exec_path.py)."""
+    launcher = proc.Launcher({})
+    gone = str(tmp_path / "gone")
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        child = await launcher.spawn(["bash", "-c", "pwd"], stdout=out_w, stderr=err_w, cwd=gone, env=dict(os.environ))
+        os.close(out_w)
+        os.close(err_w)
+        os.waitpid(child.pid, 0)
+        with os.fdopen(out_r) as out, os.fdopen(err_r) as err:
+            assert (out.read(), err.read()) == ("/\n", proc.NO_CWD % (gone, "No such file or directory"))
+    finally:
+        os.close(launcher.devnull)
+
+
+@pytest.mark.anyio
+async def test_a_missing_program_is_still_an_error_not_a_move_to_root(tmp_path) -> None:
+    launcher = proc.Launcher({})
+    with pytest.raises(OSError) as raised:  # (PermissionError when PATH holds a directory uid 1000 cannot search)
+        await launcher.spawn(["no-such-program-xyz"], stdout=1, stderr=2, cwd=str(tmp_path), env=dict(os.environ))
+    assert raised.value.filename == "no-such-program-xyz"
+    os.close(launcher.devnull)

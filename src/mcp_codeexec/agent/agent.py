@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import functools
 import os
 import resource
@@ -329,12 +330,13 @@ class Agent:
                         "[mcp-codeexec] the sandbox's process limit was full; every process left running by earlier "
                         "commands was killed to run this one\n"
                     )
-        except OSError as exc:  # still EAGAIN, or ENOMEM: no memory
+        except OSError as exc:  # still EAGAIN, or ENOMEM: no memory; or bash cannot be started
             for fd in (out_r, err_r):
                 os.close(fd)
             if door is not None:
                 door.close()
-            message = f"mcp-codeexec: cannot start bash: {exc.strerror or exc} (the sandbox's process or memory limit is reached)\n"
+            why = " (the sandbox's process or memory limit is reached)" if exc.errno in (errno.EAGAIN, errno.ENOMEM) else ""
+            message = f"mcp-codeexec: cannot start bash: {exc.strerror or exc}{why}\n"
             return p.ExecResult("", message, 126, False, False, 0, len(message), time.monotonic() - started)
         finally:
             for fd in (out_w, err_w) if script_fd is None else (out_w, err_w, script_fd):

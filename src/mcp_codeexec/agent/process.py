@@ -258,6 +258,10 @@ _CLAIM_TRIES = 5  # 50 ms apart
 # answering, and starts another (the agent is the children's subreaper, so a command whose
 # spawner died is still reaped, and its status known, by the agent).
 READY, SPAWNED, FAILED, EXITED = 1, 2, 3, 4
+# A command whose directory cannot be entered (the user made it unusable, say with chmod
+# 000) runs in / instead, its stderr saying so first; failing would leave no command to undo
+# it with. Every starter says the same (sandbox/bash_run.c: enter_root).
+NO_CWD = "mcp-codeexec: cannot enter %s: %s; this command runs in /\n"
 PREPARED = 5  # the zygote's only: a shell forked ahead of a command, with a socket to it
 _ANSWER = struct.Struct("=iii")
 # Its command line stays short (ps shows it): the code comes as the first message.
@@ -332,7 +336,11 @@ while True:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) < 3:
             raise OSError(7, "request too large")
         if cwd:
-            os.chdir(cwd)
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                os.chdir("/")
+                os.write(fds[2], (%(no_cwd)r %% (cwd, e.strerror)).encode("utf-8", "surrogateescape"))
         pid = spawn(argv, env, fds)
         running[pid] = number
         send(%(spawned)d, number, pid)
@@ -346,7 +354,7 @@ while True:
     finally:
         for fd in fds:
             os.close(fd)
-""" % {"size": _MAX_REQUEST, "ready": READY, "spawned": SPAWNED, "failed": FAILED, "exited": EXITED}
+""" % {"size": _MAX_REQUEST, "ready": READY, "spawned": SPAWNED, "failed": FAILED, "exited": EXITED, "no_cwd": NO_CWD}
 
 
 class Child:
@@ -847,17 +855,23 @@ class Launcher:
                 return await spawner.spawn([a.replace(CHILD_FD, "3") for a in argv], fds, cwd or self.cwd, env)
             except SpawnerBroken:
                 pass
-        proc = subprocess.Popen(
-            [a.replace(CHILD_FD, str(extra_fd)) for a in argv],
+        options: dict[str, Any] = dict(
             pass_fds=(extra_fd,) if extra_fd is not None else (),
             stdin=self.devnull,
             stdout=stdout,
             stderr=stderr,
-            cwd=cwd,
             env=env,
             start_new_session=True,
             **user_spawn_options(),
         )
+        command = [a.replace(CHILD_FD, str(extra_fd)) for a in argv]
+        try:
+            proc = subprocess.Popen(command, cwd=cwd, **options)
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as exc:
+            if cwd is None or exc.filename != cwd:  # not the directory: bash itself is missing, say
+                raise
+            os.write(stderr, (NO_CWD % (cwd, exc.strerror)).encode("utf-8", "surrogateescape"))
+            proc = subprocess.Popen(command, cwd="/", **options)
         exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.running[proc.pid] = (proc, exited)
         self.last_pid = max(self.last_pid, proc.pid)
