@@ -423,3 +423,23 @@ def test_checks_after_open_catch_a_swapped_path(
     assert error(ed.create, "link_dir/new.txt", "pwned").code == "invalid_tool_input"
     assert (outside / "secret.txt").read_text() == "secret\n"
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+
+
+def test_a_link_that_cannot_be_read_is_invalid_input_not_a_crash(
+    ed: Editor, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the sandbox, readlink of /proc/1/root (root's) fails with EACCES for the user, and
+    realpath() lets that through: the call is the user's mistake, not an internal error.
+    (Simulated here: this host's tests may run as root, which may read that link.)"""
+    (root / "root-link").symlink_to("/proc/1/root")
+    real_readlink = os.readlink
+
+    def refuse(path: str | os.PathLike[str], *args: object, **kwargs: object) -> str:
+        if os.fspath(path).endswith("root-link"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_readlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "readlink", refuse)
+    for call in (lambda p: ed.view(p), lambda p: ed.create(p, "x"), lambda p: ed.str_replace(p, "a", "b")):
+        err = error(call, "root-link/etc/passwd")
+        assert err.code == "invalid_tool_input" and "cannot be resolved: Permission denied" in err.message, err.message

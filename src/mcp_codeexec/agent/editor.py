@@ -171,6 +171,8 @@ class Editor:
             os.fsencode(real)
         except ValueError as e:  # e.g. lone surrogates that have no file-system bytes
             raise _invalid(f"path {path!r} is not a valid file name: {e}") from None
+        except OSError as e:  # a link realpath may not read, e.g. one to /proc/1/root
+            raise _invalid(f"path {shown} cannot be resolved: {e.strerror or e}") from None
         if not self._inside(real):
             via = f" (it resolves to {real})" if real != shown else ""
             raise _invalid(f"path {shown} is outside the workspace {self.root}{via}; the editor only works on files under it")
