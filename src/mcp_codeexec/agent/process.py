@@ -258,10 +258,6 @@ _CLAIM_TRIES = 5  # 50 ms apart
 # answering, and starts another (the agent is the children's subreaper, so a command whose
 # spawner died is still reaped, and its status known, by the agent).
 READY, SPAWNED, FAILED, EXITED = 1, 2, 3, 4
-# A command whose directory cannot be entered (the user made it unusable, say with chmod
-# 000) runs in / instead, its stderr saying so first; failing would leave no command to undo
-# it with. Every starter says the same (sandbox/bash_run.c: enter_root).
-NO_CWD = "mcp-codeexec: cannot enter %s: %s; this command runs in /\n"
 PREPARED = 5  # the zygote's only: a shell forked ahead of a command, with a socket to it
 _ANSWER = struct.Struct("=iii")
 # Its command line stays short (ps shows it): the code comes as the first message.
@@ -269,6 +265,10 @@ _ANSWER = struct.Struct("=iii")
 BASH_RUN = "/usr/lib/mcp-codeexec/bash-run.so"
 ZYGOTE_ROOM = 1024  # bytes of command line a command's shell has (a longer one: the Python spawner)
 _ZYGOTE_FAILURES = 3  # zygotes that died before they were ready: then none for the agent's life
+# A command whose directory cannot be entered (the user made it unusable, say with chmod
+# 000) runs in / instead, its stderr saying so first; failing would leave no command to undo
+# it with. Every starter says the same (sandbox/bash_run.c: enter_root).
+NO_CWD = "mcp-codeexec: cannot enter %s: %s; this command runs in /\n"
 _S = TypeVar("_S", bound="_Spawner")
 _SPAWNER_BOOT = "import socket, sys; sock = socket.socket(fileno=int(sys.argv[1])); exec(sock.recv(1 << 16))"
 SPAWNER = r"""
