@@ -35,6 +35,8 @@ from mcp_codeexec.deployment.base import (
     AGENT_CAPABILITIES,
     AGENT_DIR,
     MANAGED_LABEL,
+    SANDBOX_GID,
+    SANDBOX_UID,
     SANDBOX_USER,
     VOLUME_LABEL,
     AgentStream,
@@ -301,7 +303,7 @@ class DockerDeployment(Deployment):
             binds={volume: {"bind": spec.workdir, "mode": "rw,nocopy"}},
             tmpfs={
                 "/tmp": f"rw,nosuid,nodev,size={spec.tmp_bytes},mode=1777",
-                "/home/sandbox": f"rw,nosuid,nodev,size={spec.tmp_bytes},uid=1000,gid=1000,mode=0755",
+                "/home/sandbox": f"rw,nosuid,nodev,size={spec.tmp_bytes},uid={SANDBOX_UID},gid={SANDBOX_GID},mode=0755",
                 AGENT_DIR: "rw,nosuid,nodev,noexec,size=1m,mode=0700",
             },
         )

@@ -281,15 +281,12 @@ class LocalDeployment(Deployment):
 
     def _relays(self, name: str) -> int:
         """Relays (of any server process) connected to this sandbox's socket."""
-        return sum(self._is_relay(pid, name) for pid in filter(str.isdigit, os.listdir("/proc")))
+        marker = self._relay_marker(name)
+        return sum(_is_relay(pid, marker) for pid in filter(str.isdigit, os.listdir("/proc")))
 
-    def _is_relay(self, pid: int | str, name: str) -> bool:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            return False
-        return b"mcp-codeexec relay" in cmdline and repr(self._socket(name)).encode() in cmdline
+    def _relay_marker(self, name: str) -> bytes:
+        """What a relay of this sandbox has on its command line: its socket's path."""
+        return repr(self._socket(name)).encode()
 
     async def connect(self, name: str, argv: builtins.list[str]) -> AgentStream:
         self._read(name)  # SandboxGone if there is no such sandbox
@@ -301,8 +298,9 @@ class LocalDeployment(Deployment):
             raise BackendUnavailable(f"cannot start the local relay: {exc}") from exc
         # The spawn returns once the relay's exec is under way, but the kernel sets up the
         # arguments /proc shows a little later: until then in_use would not count it.
+        marker = self._relay_marker(name)
         for _ in range(1000):
-            if process.returncode is not None or self._is_relay(process.pid, name):
+            if process.returncode is not None or _is_relay(process.pid, marker):
                 break
             await anyio.sleep(0.001)
         return LocalAgentStream(process, stderr)
@@ -312,3 +310,12 @@ def _tree_size(directory: Path) -> int:
     """Bytes in the regular files under a directory (symlinks not followed)."""
     files = (p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
     return sum(p.stat().st_size for p in files)
+
+
+def _is_relay(pid: int | str, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"mcp-codeexec relay" in cmdline and marker in cmdline
