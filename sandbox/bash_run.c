@@ -252,17 +252,22 @@ static void run_child(const char *command, int fds[3])
   _exit(126);  /* not reached */
 }
 
-/* The command's directory cannot be entered (the user made it unusable, say with chmod 000):
- * the command runs in / instead, and its stderr says so first (the agent's Python paths say
- * the same, agent/process.py: NO_CWD). Failing instead would leave the user no command to
- * undo it with. */
-static void enter_root(const char *dir, int error, int err_fd)
+/* In a command's child, once the zygote or the child itself tried to enter `dir` (`error`:
+ * errno if that failed): bash's own idea of its directory (`pwd`, $PWD) becomes what a bash
+ * started there would have. The zygote itself runs in /, so a workspace the user makes
+ * unusable cannot stop it. If the directory cannot be entered (say chmod 000), the command
+ * runs in / instead, and its stderr says so first (the agent's Python paths say the same,
+ * agent/process.py: NO_CWD): failing would leave the user no command to undo it with. */
+static void enter_dir(const char *dir, int error, int err_fd)
 {
-  if (chdir("/") != 0)
-    _exit(126);
-  set_working_directory("/");  /* what `pwd` and $PWD say, as a bash started in / would */
-  bind_variable("PWD", "/", 0);
-  dprintf(err_fd, "mcp-codeexec: cannot enter %s: %s; this command runs in /\n", dir, strerror(error));
+  if (error) {
+    if (chdir("/") != 0)
+      _exit(126);
+    dprintf(err_fd, "mcp-codeexec: cannot enter %s: %s; this command runs in /\n", dir, strerror(error));
+    dir = "/";
+  }
+  set_working_directory((char *)dir);
+  bind_variable("PWD", (char *)dir, 0);
 }
 
 /* B, forked ahead: waits for its one command on `sock`. */
@@ -283,8 +288,8 @@ static void wait_for_command(int sock)
   if (n <= 0 || nfds != 3 || (command = split_command(buf, (size_t)n)) == NULL)
     _exit(n == 0 ? 0 : 126);  /* given up (the socket closed), or nothing it could run */
   close(sock);
-  if (*buf && chdir(buf) != 0)
-    enter_root(buf, errno, fds[2]);
+  if (*buf)
+    enter_dir(buf, chdir(buf) != 0 ? errno : 0, fds[2]);
   run_child(command, fds);
 }
 
@@ -353,8 +358,8 @@ static void run(int32_t number, char *payload, size_t size, int fds[3], int nfds
     return;
   }
   if (pid == 0) {
-    if (unusable)
-      enter_root(payload, unusable, fds[2]);
+    if (*payload)
+      enter_dir(payload, unusable, fds[2]);
     run_child(command, fds);
   }
   running[slot].pid = pid;

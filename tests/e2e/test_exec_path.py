@@ -121,7 +121,9 @@ async def test_a_workspace_the_user_made_unusable_runs_commands_in_root_and_can_
     """chmod 000 on the workspace used to end every later command with "cannot start bash"
     (and blame the process limit), with no command left to undo it. Now each starter (the
     shell forked ahead, the zygote, the Python spawner with --no-zygote) runs the command in /
-    with one line of stderr saying why, and `chmod` from there gives the workspace back."""
+    with one line of stderr saying why, and `chmod` from there gives the workspace back. A
+    zygote restarted while it is locked starts too (it runs in /, each command enters its
+    directory)."""
     notice = "mcp-codeexec: cannot enter /workspace: Permission denied; this command runs in /\n"
     async with connect("--memory", "1g") as fast, connect("--memory", "1g", "--no-zygote") as slow:
         for s in (fast, slow):
@@ -133,6 +135,14 @@ async def test_a_workspace_the_user_made_unusable_runs_commands_in_root_and_can_
             for _ in range(3):  # the shell forked ahead, then the next ones
                 r = await s.bash('pwd; echo "$PWD" "$0"')
                 assert (r["stdout"], r["stderr"], r["return_code"]) == ("/\n/ bash\n", notice, 0), r
+            if s is fast:  # a zygote restarted meanwhile starts all the same (it runs in /)
+                await s.bash("pkill -KILL -f mcp-codeexec-zygot[e]; true")
+                await anyio.sleep(1.5)
+                await s.bash("true")  # (it starts between calls)
+                await anyio.sleep(1.0)
+                parent = "cat /proc/$PPID/cmdline | tr '\\0' '\\n' | grep -c -- mcp-codeexec-zygote; true"
+                r = await s.bash(parent)
+                assert (r["stdout"], r["stderr"]) == ("1\n", notice), r
             r = await s.bash("chmod 755 /workspace && echo unlocked")
             assert (r["stdout"], r["stderr"]) == ("unlocked\n", notice), r
             r = await s.bash("pwd")

@@ -267,7 +267,7 @@ ZYGOTE_ROOM = 1024  # bytes of command line a command's shell has (a longer one:
 _ZYGOTE_FAILURES = 3  # zygotes that died before they were ready: then none for the agent's life
 # A command whose directory cannot be entered (the user made it unusable, say with chmod
 # 000) runs in / instead, its stderr saying so first; failing would leave no command to undo
-# it with. Every starter says the same (sandbox/bash_run.c: enter_root).
+# it with. Every starter says the same (sandbox/bash_run.c: enter_dir).
 NO_CWD = "mcp-codeexec: cannot enter %s: %s; this command runs in /\n"
 _S = TypeVar("_S", bound="_Spawner")
 _SPAWNER_BOOT = "import socket, sys; sock = socket.socket(fileno=int(sys.argv[1])); exec(sock.recv(1 << 16))"
@@ -403,7 +403,7 @@ class _Spawner:
                 stdin=launcher.devnull,
                 stdout=launcher.devnull,
                 stderr=launcher.devnull,
-                cwd=self.cwd(),
+                cwd="/",  # each request names its directory: a workspace made unusable cannot stop it
                 env=self.environment(),
                 start_new_session=True,
                 **user_spawn_options(),
@@ -428,9 +428,6 @@ class _Spawner:
 
     def argv(self, fd: int) -> list[str]:
         return [sys.executable, "-I", "-S", "-c", _SPAWNER_BOOT, str(fd), "mcp-codeexec-spawner"]
-
-    def cwd(self) -> str:
-        return "/"
 
     def environment(self) -> dict[str, str] | None:
         return None  # the agent's (a command's own comes with its request)
@@ -580,9 +577,6 @@ class _Zygote(_Spawner):
 
     def argv(self, fd: int) -> list[str]:
         return ["bash", "-c", f"enable -f {BASH_RUN} mcp_run && mcp_run {fd} {ZYGOTE_ROOM}", "mcp-codeexec-zygote", "-" * ZYGOTE_ROOM]
-
-    def cwd(self) -> str:
-        return self.launcher.cwd
 
     def environment(self) -> dict[str, str] | None:
         return self.launcher.env
